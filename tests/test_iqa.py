@@ -1,0 +1,149 @@
+"""The offline ensemble: calibration against pyiqa's table, normalisation, blocks, reward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qualiteacher.imageio import read_image, to_tensor
+from qualiteacher.iqa.ensemble import IQAEnsemble, normalize_score
+from qualiteacher.iqa.registry import METRICS, get_spec
+from qualiteacher.iqa.weights import MissingWeightsError, status
+
+# pyiqa's calibration rows (ResultsCalibra/calibration_summary.csv), see DESIGN.md section 2.
+CALIBRATION = {
+    "brisque": {"I03": 94.6443, "I04": -0.1068, "I06": 1.0732, "I08": 5.1447, "I19": 66.8415},
+    "niqe": {"I03": 15.6538, "I04": 3.6549, "I06": 3.2342, "I08": 3.1922, "I19": 9.0722},
+    "piqe": {"I03": 100.0, "I04": 21.62, "I06": 35.86, "I08": 41.15, "I19": 76.95},
+}
+
+
+def _close(value: float, expected: float) -> bool:
+    return abs(value - expected) <= max(0.01 * abs(expected), 0.05)
+
+
+def test_cli_score_json_reproduces_calibration(weights_dir, calibration_dir):
+    files = [str(calibration_dir / f"{name}.bmp") for name in CALIBRATION["brisque"]]
+    out = subprocess.run(
+        [sys.executable, "-m", "qualiteacher.cli", "score", "--metrics", "brisque,niqe,piqe", "--json", *files],
+        capture_output=True, text=True, check=True,
+    )
+    results = json.loads(out.stdout)
+    assert [r["file"] for r in results] == files
+    for r in results:
+        name = r["file"].rsplit("/", 1)[-1][:-4]
+        assert set(r) == {"file", "raw", "normalized", "ensemble"}
+        for metric, rows in CALIBRATION.items():
+            assert _close(r["raw"][metric], rows[name]), (metric, name, r["raw"][metric], rows[name])
+            assert 0.0 <= r["normalized"][metric] <= 1.0
+        assert 0.0 <= r["ensemble"] <= 10.0
+    # I03 is the most distorted image of the five: lowest ensemble.
+    by_name = {r["file"].rsplit("/", 1)[-1]: r["ensemble"] for r in results}
+    assert min(by_name, key=by_name.get) == "I03.bmp"
+
+
+def test_cli_score_reports_bad_file_and_scores_the_rest(weights_dir, calibration_dir, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    good = calibration_dir / "I04.bmp"
+    out = subprocess.run(
+        [sys.executable, "-m", "qualiteacher.cli", "score", "--metrics", "piqe", "--json", str(bad), str(good)],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 1
+    results = json.loads(out.stdout)
+    assert "broken.png" in results[0]["error"]
+    assert _close(results[1]["raw"]["piqe"], CALIBRATION["piqe"]["I04"])
+    assert "Traceback" not in out.stderr
+
+
+def test_normalisation_clips_and_inverts():
+    brisque = get_spec("brisque")
+    raw = torch.tensor([-5.0, 0.0, 75.0, 150.0, 400.0])
+    assert torch.allclose(normalize_score(brisque, raw), torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0]))
+    musiq = get_spec("musiq")
+    assert torch.allclose(normalize_score(musiq, torch.tensor([25.0, 120.0])), torch.tensor([0.25, 1.0]))
+
+
+def test_ensemble_is_weighted_mean(offline_ensemble, calibration_dir):
+    x = to_tensor(read_image(calibration_dir / "I06.bmp"))
+    scores = offline_ensemble.score(x)
+    w = offline_ensemble.weights
+    expected = sum(w[n] * scores.normalized[n] for n in w)
+    assert torch.allclose(scores.ensemble, expected)
+    assert torch.allclose(scores.ensemble10, expected * 10)
+
+
+def test_batch_scoring_matches_single(offline_ensemble, calibration_dir):
+    images = torch.cat([to_tensor(read_image(calibration_dir / f"{n}.bmp")) for n in ("I04", "I19")])
+    batched = offline_ensemble.raw_scores(images)
+    for i in range(2):
+        single = offline_ensemble.raw_scores(images[i : i + 1])
+        for name in batched:
+            assert abs(batched[name][i].item() - single[name].item()) < 1e-3 * max(1, abs(single[name].item()))
+
+
+def test_block_weight_map_marks_corrupted_quadrant(offline_ensemble, calibration_dir):
+    x = to_tensor(read_image(calibration_dir / "I04.bmp"))[:, :, :256, :256].clone()
+    gen = torch.Generator().manual_seed(0)
+    x[:, :, :128, 128:] = (x[:, :, :128, 128:] + 0.35 * torch.randn(1, 3, 128, 128, generator=gen)).clamp(0, 1)
+    wmap = offline_ensemble.weight_map(x, grid=2)
+    assert wmap.shape == (1, 1, 256, 256)
+    corrupted = wmap[0, 0, 40:88, 168:216].mean()
+    for clean in (wmap[0, 0, 40:88, 40:88], wmap[0, 0, 168:216, 40:88], wmap[0, 0, 168:216, 168:216]):
+        assert corrupted < clean.mean() - 0.1
+
+
+def test_block_scores_unfold_matches_crops(offline_ensemble, calibration_dir):
+    x = to_tensor(read_image(calibration_dir / "I08.bmp"))[:, :, :192, :288]
+    blocks = offline_ensemble.block_scores(x, grid=2)
+    # The top-right block scored on its own gives the same ensemble as in the batched grid.
+    names = offline_ensemble.block_metric_names(96)
+    crop = x[:, :, :96, 144:]
+    alone = offline_ensemble.combine(offline_ensemble.normalize(offline_ensemble.raw_scores(crop, names)))
+    assert abs(blocks[0, 0, 1].item() - alone.item()) < 1e-4
+
+
+def test_reward_has_gradients(offline_ensemble, calibration_dir):
+    x = to_tensor(read_image(calibration_dir / "I06.bmp"))[:, :, :128, :128].clone().requires_grad_(True)
+    q = offline_ensemble.reward(x)
+    q.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert offline_ensemble.differentiable_names == ["brisque", "niqe"]
+
+
+def test_missing_weights_error_names_file(tmp_path):
+    with pytest.raises(MissingWeightsError) as err:
+        IQAEnsemble({"musiq": 1.0}, tmp_path, device="cpu")
+    assert "musiq_koniq_ckpt-e95806b9.pth" in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_weights_status_lists_every_metric(weights_dir, tmp_path):
+    rows = {r.name: r for r in status(weights_dir)}
+    assert {"brisque", "niqe", "piqe", "musiq", "clipiqa", "topiq_nr"} <= set(rows)
+    assert rows["brisque"].ready and rows["niqe"].ready and rows["piqe"].ready
+    empty = {r.name: r for r in status(tmp_path)}
+    assert not empty["brisque"].ready and "weights prepare" in empty["brisque"].detail
+    assert not empty["clipiqa"].ready and "RN50.pt" in empty["clipiqa"].files[0]
+    assert all(spec.name in rows for spec in METRICS.values())
+
+
+def test_pyiqa_loader_uses_weights_folder(tmp_path):
+    """A MUSIQ file in the weights folder is what pyiqa loads (random init saved by the test)."""
+    import pyiqa
+    from qualiteacher.iqa.weights import configure_pyiqa
+
+    net = pyiqa.create_metric("musiq", pretrained=False, device="cpu").net
+    target = tmp_path / "hub" / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth"
+    target.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), target)
+    ensemble = IQAEnsemble({"musiq": 1.0}, tmp_path, device="cpu")
+    loaded = ensemble.models["musiq"].net.state_dict()
+    first = next(iter(loaded))
+    assert torch.equal(loaded[first], net.state_dict()[first])
+    configure_pyiqa(tmp_path)
