@@ -3,8 +3,9 @@
 bank(image) = top-k by ensemble score of (bank(image) U candidates that passed both drops).
 
 Ordering is total and deterministic: higher score first, then the smaller label id. A
-candidate whose label id is already in the bank is ignored (idempotent per label id), so
-re-applying the same candidates changes nothing. The Redis Lua gate in `services/bank`
+candidate whose label id was ever gated for this image before (kept, evicted or not
+admitted: the `seen` set) is ignored, so re-applying the same candidates, e.g. a replay
+after a crash, changes nothing. The Redis Lua gate in `services/bank`
 implements exactly this rule; tests compare the two.
 """
 
@@ -30,11 +31,13 @@ def rank_key(entry: Scored) -> tuple[float, str]:
     return (-entry.score, entry.label_id)
 
 
-def gate(bank: Iterable[T], candidates: Iterable[T], top_k: int = 3) -> tuple[list[T], list[T]]:
+def gate(bank: Iterable[T], candidates: Iterable[T], top_k: int = 3,
+         seen: Iterable[str] = ()) -> tuple[list[T], list[T]]:
     """Return (new bank sorted best first, entries evicted from the old bank).
 
-    Candidates that do not make the top-k are simply not admitted; they are not
-    "evicted" because they were never stored.
+    `seen` holds the label ids gated for this image before; the caller adds every
+    candidate's label id to it afterwards. Candidates that do not make the top-k are simply
+    not admitted; they are not "evicted" because they were never stored.
     """
     if top_k < 1:
         raise ValueError("top_k must be >= 1")
@@ -42,9 +45,11 @@ def gate(bank: Iterable[T], candidates: Iterable[T], top_k: int = 3) -> tuple[li
     for entry in bank:
         merged.setdefault(entry.label_id, entry)
     old_ids = set(merged)
+    seen_ids = set(seen) | old_ids
     for entry in candidates:
-        # First occurrence wins: idempotent for repeated label ids.
-        merged.setdefault(entry.label_id, entry)
+        # First occurrence wins; a label id gated before never comes back.
+        if entry.label_id not in seen_ids:
+            merged.setdefault(entry.label_id, entry)
     ranked = sorted(merged.values(), key=rank_key)
     kept = ranked[:top_k]
     evicted = [e for e in ranked[top_k:] if e.label_id in old_ids]
