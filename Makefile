@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Both create the virtual environment, install the project and build the offline metric
+# parameters first, so they work on a clean clone with nothing installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup weights demo test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	# torch and torchvision first: pip takes the pinned builds from the local wheel store.
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+weights: setup
+	$(BIN)/qualiteacher weights prepare
+
+demo: weights
+	$(BIN)/qualiteacher demo
+
+test: weights
+	$(BIN)/python -m pytest -q
+
+test-slow: weights
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
