@@ -1,0 +1,116 @@
+"""NAFNet-style restoration network (Chen et al., "Simple Baselines for Image Restoration").
+
+intro conv -> encoder levels (NAFBlocks, strided-conv downsampling) -> middle blocks
+-> decoder levels (1x1 conv + PixelShuffle upsampling, additive skips) -> ending conv;
+out = x + net(x). Score injection sits on the bottleneck ("middle") when
+`cfg.score_condition` is true. Input is zero-padded to a multiple of 2**levels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qualiteacher.config import ModelConfig
+from qualiteacher.models.injection import ConditionedRestorer, attach_score_injection
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dimension of an NCHW tensor."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / torch.sqrt(var + self.eps)
+        return self.weight[None, :, None, None] * y + self.bias[None, :, None, None]
+
+
+class SimpleGate(nn.Module):
+    """Split channels in half and multiply: a nonlinearity without activation functions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class NAFBlock(nn.Module):
+    def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2):
+        super().__init__()
+        dw = c * dw_expand
+        self.conv1 = nn.Conv2d(c, dw, 1)
+        self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
+        self.conv3 = nn.Conv2d(dw // 2, c, 1)
+        # Simplified channel attention: global average pool + 1x1 conv, no nonlinearity.
+        self.sca = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(dw // 2, dw // 2, 1)
+        )
+        self.sg = SimpleGate()
+        ffn = c * ffn_expand
+        self.conv4 = nn.Conv2d(c, ffn, 1)
+        self.conv5 = nn.Conv2d(ffn // 2, c, 1)
+        self.norm1 = LayerNorm2d(c)
+        self.norm2 = LayerNorm2d(c)
+        # Zero-init residual scales: each block starts as the identity (as in NAFNet).
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.sg(self.conv2(self.conv1(self.norm1(x))))
+        y = self.conv3(y * self.sca(y))
+        x = x + y * self.beta
+        y = self.conv5(self.sg(self.conv4(self.norm2(x))))
+        return x + y * self.gamma
+
+
+def _blocks(c: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*[NAFBlock(c) for _ in range(n)])
+
+
+class NAFNet(ConditionedRestorer):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.score_cap = cfg.score_cap
+        self.pad_multiple = 2 ** len(cfg.enc_blocks)
+        c = cfg.width
+        self.intro = nn.Conv2d(cfg.in_channels, c, 3, padding=1)
+        self.encoders, self.downs = nn.ModuleList(), nn.ModuleList()
+        for n in cfg.enc_blocks:
+            self.encoders.append(_blocks(c, n))
+            self.downs.append(nn.Conv2d(c, 2 * c, 2, stride=2))
+            c *= 2
+        self.middle = _blocks(c, cfg.middle_blocks)
+        self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
+        for n in cfg.dec_blocks:
+            self.ups.append(
+                nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2))
+            )
+            c //= 2
+            self.decoders.append(_blocks(c, n))
+        self.ending = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        if cfg.score_condition:
+            bottleneck = cfg.width * 2 ** len(cfg.enc_blocks)
+            attach_score_injection(
+                self,
+                ["middle"],
+                cfg.score_frequencies,
+                cfg.score_max,
+                channels=bottleneck,
+            )
+
+    def body(self, x: Tensor) -> Tensor:
+        h = self.intro(x)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            h = encoder(h)
+            skips.append(h)
+            h = down(h)
+        h = self.middle(h)
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
+            h = decoder(up(h) + skip)
+        return self.ending(h)

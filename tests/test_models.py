@@ -1,0 +1,206 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qualiteacher.config import ModelConfig
+from qualiteacher.losses.preference import preference_loss
+from qualiteacher.models.build import build_model, count_parameters, load_backbone_state
+from qualiteacher.models.injection import (
+    ScoreInjection,
+    attach_score_injection,
+    clamp_score,
+    injection_parameters,
+    score_context,
+    sinusoidal_embedding,
+)
+
+ARCHS = ["nafnet", "unet"]
+
+
+def small_cfg(arch: str, condition: bool = True) -> ModelConfig:
+    return ModelConfig(
+        arch=arch,
+        width=8,
+        enc_blocks=[1, 1],
+        middle_blocks=1,
+        dec_blocks=[1, 1],
+        score_condition=condition,
+    )
+
+
+def perturb(model: nn.Module, scale: float = 0.05) -> None:
+    """Move every parameter off its init so zero-init blocks (NAFNet beta/gamma) do something."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def image(h: int = 37, w: int = 53, n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+def test_sinusoidal_embedding_shape_and_distinct():
+    s = torch.tensor([0.0, 4.0, 7.0, 10.0])
+    e = sinusoidal_embedding(s, num_frequencies=5, max_score=10.0)
+    assert e.shape == (4, 10)
+    assert e.abs().max() <= 1.0
+    assert (
+        torch.cdist(e, e).fill_diagonal_(1.0).min() > 1e-3
+    )  # different scores, different codes
+
+
+def test_clamp_score_merges_above_cap():
+    assert clamp_score(torch.tensor([3.0, 7.0, 8.5, 10.0])).tolist() == [
+        3.0,
+        7.0,
+        7.0,
+        7.0,
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("condition", [True, False])
+def test_odd_shapes(arch, condition):
+    model = build_model(small_cfg(arch, condition))
+    x = image(37, 53)
+    for score in (None, 5.0, torch.tensor([4.0, 9.0])):
+        assert model(x, score).shape == x.shape
+    assert model(image(5, 3, n=1)).shape == (1, 3, 5, 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_injection_starts_as_identity_and_loads_unconditioned_state(arch):
+    torch.manual_seed(0)
+    plain = build_model(small_cfg(arch, condition=False))
+    perturb(plain)
+    cond = build_model(small_cfg(arch, condition=True))
+    load_backbone_state(cond, plain.state_dict())
+    x = image()
+    with torch.no_grad():
+        ref = plain(x)
+        for score in (None, 0.0, 4.0, 7.0, 10.0, torch.tensor([2.0, 6.5])):
+            torch.testing.assert_close(cond(x, score), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_injection_becomes_score_dependent_after_training_step(arch):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(arch))
+    perturb(model)
+    inj = injection_parameters(model)
+    backbone_before = {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if "score_injection" not in k
+    }
+    opt = torch.optim.SGD(inj.values(), lr=1.0)
+    x = image()
+    y = model(torch.cat([x, x]), torch.tensor([7.0, 7.0, 4.0, 4.0]))
+    q = y.mean(dim=(1, 2, 3))  # brightness as a stand-in reward
+    loss = preference_loss(q[:2], q[2:], 0.0, beta=1.0, margin=0.1)["rank"]
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        y7, y4, y9 = model(x, 7.0), model(x, 4.0), model(x, 9.0)
+    assert (y7 - y4).abs().max() > 1e-6
+    assert y7.mean() > y4.mean()  # the step pushed the high-score output's reward up
+    torch.testing.assert_close(
+        y9, y7, rtol=0, atol=0
+    )  # scores above the cap merge into it
+    for k, v in model.state_dict().items():
+        if k in backbone_before:
+            assert torch.equal(v, backbone_before[k]), k
+
+
+def test_load_backbone_state_rejects_mismatches():
+    cond = build_model(small_cfg("nafnet", True))
+    plain = build_model(small_cfg("nafnet", False))
+    with pytest.raises(
+        ValueError, match="score_injection"
+    ):  # unexpected injection keys
+        load_backbone_state(plain, cond.state_dict())
+    state = plain.state_dict()
+    del state["intro.weight"]
+    with pytest.raises(ValueError, match="intro.weight"):
+        load_backbone_state(cond, state)
+    load_backbone_state(
+        cond, cond.state_dict()
+    )  # same architecture with injection: fine
+
+
+def test_attach_missing_layer_names_it():
+    model = build_model(small_cfg("unet", False))
+    with pytest.raises(KeyError, match="no_such_layer"):
+        attach_score_injection(model, ["middle", "no_such_layer"], 4, 10.0)
+    with pytest.raises(ValueError, match="empty"):
+        attach_score_injection(model, [], 4, 10.0)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1)
+        )
+        self.head = nn.Conv2d(5, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_attach_to_any_backbone_by_name():
+    torch.manual_seed(0)
+    model = Toy()
+    injections = attach_score_injection(
+        model, ["features.2"], num_frequencies=4, max_score=10.0
+    )
+    assert (
+        injections["features__2"].channels == 5
+    )  # inferred from the layer's last conv
+    x = image(16, 16)
+    with pytest.raises(RuntimeError, match="features.2"):
+        model(x)  # no score set: never silently skip the injection
+    with torch.no_grad():
+        nn.init.normal_(injections["features__2"].mlp[-1].weight)
+        with score_context(model, torch.tensor([3.0, 3.0])):
+            y3 = model(x)
+        with score_context(model, torch.tensor([7.0, 7.0])):
+            y7 = model(x)
+    assert (y3 - y7).abs().max() > 1e-4
+    assert model.score_injection.current_score is None  # context restored
+
+
+def test_deepcopy_rebinds_injection_to_the_copy():
+    torch.manual_seed(0)
+    model = build_model(small_cfg("nafnet"))
+    perturb(model)
+    twin = copy.deepcopy(model)
+    x = image()
+    with torch.no_grad():
+        before = model(x, 7.0)
+        for p in injection_parameters(twin).values():
+            p.add_(1.0)
+        assert torch.equal(
+            model(x, 7.0), before
+        )  # the copy's hooks use the copy's modules
+        assert not torch.equal(twin(x, 7.0), before)
+
+
+def test_injection_parameters_and_count():
+    cond = build_model(small_cfg("unet", True))
+    plain = build_model(small_cfg("unet", False))
+    inj = injection_parameters(cond)
+    assert inj and all(k.startswith("score_injection.middle.") for k in inj)
+    assert count_parameters(cond) == count_parameters(plain) + sum(
+        p.numel() for p in inj.values()
+    )
+    with pytest.raises(ValueError, match="no score injection"):
+        injection_parameters(plain)
+
+
+def test_score_injection_zero_init_module():
+    inj = ScoreInjection(channels=4, num_frequencies=3)
+    f = torch.randn(2, 4, 5, 5)
+    assert torch.equal(inj(f, torch.tensor([1.0, 9.0])), f)
