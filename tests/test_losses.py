@@ -212,8 +212,8 @@ def test_consistency_gradients_reach_student(arch):
 
 def test_consistency_full_crop_is_zero_and_reuses_output():
     model, x = student(), x_batch()
-    assert float(
-        cropped_consistency_loss(model, x, reward, crop_area=1.0)
+    assert (
+        cropped_consistency_loss(model, x, reward, crop_area=1.0).item()
     ) == pytest.approx(0.0, abs=1e-7)
     y = model(x, 7.0)
     g = lambda: torch.Generator().manual_seed(5)
