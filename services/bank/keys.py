@@ -1,0 +1,132 @@
+"""Key layout of the Redis memory bank, and validation of everything that goes into a key.
+
+All keys start with ``{prefix}:`` (default ``qt``). Image ids, label ids and drop reasons
+must match :data:`ID_PATTERN` (no ``:``, ``*``, spaces or braces), so an id can never name
+or glob into another key.
+
+=====================================  =======  ============================================
+key                                    type     contents
+=====================================  =======  ============================================
+``P:img:{image}:rank``                 zset     member = label id, score = -ensemble; read in
+                                                ascending order it is (ensemble desc, label
+                                                id asc), the order of ``gating.rank_key``
+``P:img:{image}:seen``                 set      every label id ever gated for the image
+                                                (admitted, rejected or evicted): replays are
+                                                no-ops
+``P:e:{image}:{label}``                string   ``BankEntry.SerializeToString()``
+``P:idx:best``                         zset     image id -> -(best ensemble) (sort="score")
+``P:idx:lex``                          zset     image id -> 0 (sort="id", by lex)
+``P:idx:recent``                       zset     image id -> sequence number of last change
+``P:counters``                         hash     images, entries, gate_calls, candidates,
+                                                admitted, rejected, evicted, duplicates, seq,
+                                                ``hist:0`` .. ``hist:9``, ``drop:{reason}``
+``P:meta``                             hash     teacher_version, scorer_count, top_k
+``P:events``                           stream   one event per gate call (capped, MAXLEN ~)
+=====================================  =======  ============================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_ID_RE = re.compile(ID_PATTERN)
+# No ':' in a prefix: "qt" and "qt:x" would otherwise see each other's keys in SCANs.
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+HIST_BINS = 10
+
+
+def validate_id(value: object, what: str = "image id") -> str:
+    """Return ``value`` if it is a safe id, else raise ``ValueError`` naming it."""
+    if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
+        raise ValueError(f"invalid {what} {value!r}: must match {ID_PATTERN}")
+    return value
+
+
+def validate_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
+        raise ValueError(f"invalid key prefix {prefix!r}")
+    return prefix
+
+
+def hist_bin(score: float) -> int:
+    """Histogram bin of an ensemble score on the 0-10 scale (10 bins; out of range clamps).
+
+    Must equal the Lua computation in ``gate.lua``: ``floor(score)`` clamped to [0, 9].
+    """
+    return min(max(math.floor(score), 0), HIST_BINS - 1)
+
+
+@dataclass(frozen=True)
+class BankKeys:
+    """Key builders for one bank namespace."""
+
+    prefix: str = "qt"
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+
+    # per image
+    def rank(self, image_id: str) -> str:
+        return f"{self.prefix}:img:{validate_id(image_id)}:rank"
+
+    def seen(self, image_id: str) -> str:
+        return f"{self.prefix}:img:{validate_id(image_id)}:seen"
+
+    def entry(self, image_id: str, label_id: str) -> str:
+        return f"{self.prefix}:e:{validate_id(image_id)}:{validate_id(label_id, 'label id')}"
+
+    def entry_prefix(self) -> str:
+        """What :meth:`entry` keys start with (the Lua gate builds them from it)."""
+        return f"{self.prefix}:e:"
+
+    # global
+    @property
+    def idx_best(self) -> str:
+        return f"{self.prefix}:idx:best"
+
+    @property
+    def idx_lex(self) -> str:
+        return f"{self.prefix}:idx:lex"
+
+    @property
+    def idx_recent(self) -> str:
+        return f"{self.prefix}:idx:recent"
+
+    @property
+    def counters(self) -> str:
+        return f"{self.prefix}:counters"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.prefix}:meta"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    # patterns for SCAN (diagnostics only; ids cannot contain glob characters)
+    def rank_pattern(self) -> str:
+        return f"{self.prefix}:img:*:rank"
+
+    def seen_pattern(self) -> str:
+        return f"{self.prefix}:img:*:seen"
+
+    def entry_pattern(self) -> str:
+        return f"{self.prefix}:e:*"
+
+    def all_pattern(self) -> str:
+        return f"{self.prefix}:*"
+
+    def parse_rank(self, key: str) -> str:
+        """Image id of a ``rank`` key."""
+        body = key[len(f"{self.prefix}:img:"):]
+        return body[: -len(":rank")]
+
+    def parse_entry(self, key: str) -> tuple[str, str]:
+        """``(image id, label id)`` of an ``entry`` key."""
+        image_id, _, label_id = key[len(self.entry_prefix()):].partition(":")
+        return image_id, label_id
