@@ -8,6 +8,8 @@ import pytest
 
 from qualiteacher.config import load_config
 
+pytest_plugins = ["tests.redis_fixtures"]
+
 
 
 def _calibration_dir() -> Path:

@@ -167,10 +167,20 @@ class IQAEnsemble:
                 f"no differentiable metric of the ensemble {self.names} can score {size} px images; "
                 "the preference and consistency losses need one (brisque, niqe, musiq, clipiqa, topiq_nr)")
         x = x.to(self.device)
+        return self.quality_from_raw({n: self.models[n].net(x).reshape(-1).float() for n in names})
+
+    def quality_from_raw(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reward's formula applied to raw scores already computed (e.g. by the scorer).
+
+        Only differentiable metrics count; normalisation is linear, so values may leave [0, 1].
+        """
         normalized = {}
-        for n in names:
+        for n, value in raw.items():
+            if n not in self.differentiable_names:
+                continue
             spec = self.specs[n]
-            raw = self.models[n].net(x).reshape(-1).float()
-            unit = (raw - spec.low) / (spec.high - spec.low)
+            unit = (value - spec.low) / (spec.high - spec.low)
             normalized[n] = 1.0 - unit if spec.lower_better else unit
+        if not normalized:
+            raise ValueError(f"none of {sorted(raw)} is a differentiable metric of this ensemble")
         return self.combine(normalized)

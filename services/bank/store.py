@@ -120,6 +120,7 @@ def build_entry(
     weights: np.ndarray | pb.WeightMap | None = None,
     image_format: str = "png",
     created_at_ms: int | None = None,
+    teacher_q_min: float = 0.0,
 ) -> pb.BankEntry:
     """Assemble a ``BankEntry``; ``level = min(ensemble, level_cap)``."""
     validate_id(image_id)
@@ -134,6 +135,7 @@ def build_entry(
         ensemble=float(ensemble),
         level=min(float(ensemble), float(level_cap)),
         created_at_ms=int(time.time() * 1000) if created_at_ms is None else int(created_at_ms),
+        teacher_q_min=float(teacher_q_min),
     )
     entry.raw_scores.update({k: float(v) for k, v in (raw_scores or {}).items()})
     entry.normalized_scores.update({k: float(v) for k, v in (normalized_scores or {}).items()})
