@@ -22,7 +22,7 @@ weights: setup
 	$(BIN)/qualiteacher weights prepare
 
 demo: weights
-	$(BIN)/qualiteacher demo
+	$(BIN)/qualiteacher demo --config configs/quickstart.yaml
 
 test: weights
 	$(BIN)/python -m pytest -q

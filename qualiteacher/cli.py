@@ -111,9 +111,68 @@ def cmd_degrade(args) -> int:
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
+# ---- pipelines ----
+def cmd_pretrain(args) -> int:
+    from pipelines.pretrain import pretrain
+
+    cfg = _config(args)
+    out = pretrain(cfg, args.paired_input, args.paired_target, args.out)
+    print(f"stage-1 model: {out}")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from pipelines.train import run
+
+    cfg = _config(args)
+    summary = run(cfg, args.run_dir or cfg.paths.run_dir)
+    print(json.dumps({k: summary[k] for k in ("steps", "teacher_version", "bank_images", "bank_entries",
+                                              "max_entries_per_image", "dropped", "checkpoint", "elapsed_s")},
+                     indent=2))
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    from pipelines.restore import restore_folder
+
+    report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score)
+    failed = [(p, err) for p, err in report if err]
+    for _path, err in failed:
+        print(f"error: {err}", file=sys.stderr)
+    print(f"restored {len(report) - len(failed)} of {len(report)} images into {args.out_dir} at score {args.score}")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def cmd_scale(args) -> int:
+    import ray
+
+    from services.names import LABELLER
+
+    ray.init(address=args.address or "auto", namespace=args.namespace, log_to_driver=False)
+    try:
+        labeller = ray.get_actor(LABELLER, namespace=args.namespace)
+    except ValueError:
+        raise UsageError(f"no running QualiTeacher job in Ray namespace {args.namespace!r}") from None
+    print(f"scorers: {ray.get(labeller.scale_scorers.remote(args.count))}")
+    return EXIT_OK
+
+
+def cmd_bank_check(args) -> int:
+    from services.bank.store import MemoryBank
+    from services.redis_server import redact_url, redis_client
+
+    bank = MemoryBank(redis_client(args.redis), prefix=args.prefix, top_k=args.top_k)
+    problems = bank.check_invariants()
+    for problem in problems:
+        print(f"violation: {problem}")
+    print(f"{redact_url(args.redis)}: {bank.num_images()} images, "
+          f"{'OK' if not problems else f'{len(problems)} violations'}")
+    return EXIT_PARTIAL if problems else EXIT_OK
+
+
 # ---- demo ----
 def cmd_demo(args) -> int:
-    from qualiteacher.demo import run_demo
+    from pipelines.demo import run_demo
 
     cfg = _config(args)
     return run_demo(cfg, args.run_dir)
@@ -151,6 +210,40 @@ def build_parser() -> argparse.ArgumentParser:
     degrade.add_argument("in_dir")
     degrade.add_argument("out_dir")
     degrade.set_defaults(func=cmd_degrade)
+
+    pre = sub.add_parser("pretrain", help="supervised stage 1 on paired data (the initial teacher)")
+    _add_config_args(pre)
+    pre.add_argument("--paired-input", type=Path, required=True)
+    pre.add_argument("--paired-target", type=Path, required=True)
+    pre.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    pre.set_defaults(func=cmd_pretrain)
+
+    train = sub.add_parser("train", help="QualiTeacher training (local Ray + embedded Redis unless configured)")
+    _add_config_args(train)
+    train.add_argument("--run-dir", type=Path, help="default: paths.run_dir")
+    train.set_defaults(func=cmd_train)
+
+    restore = sub.add_parser("restore", help="restore a folder with a trained model")
+    restore.add_argument("--checkpoint", type=Path, required=True, help="model file, checkpoint or run folder")
+    restore.add_argument("--score", type=float, default=7.0, help="quality condition, 0-10 (default 7)")
+    restore.add_argument("in_dir")
+    restore.add_argument("out_dir")
+    restore.set_defaults(func=cmd_restore)
+
+    scale = sub.add_parser("scale", help="change the size of a running job's pool")
+    scale.add_argument("pool", choices=("scorers",))
+    scale.add_argument("count", type=int)
+    scale.add_argument("--address", help="Ray address (default: auto-detect the running cluster)")
+    scale.add_argument("--namespace", default="qualiteacher")
+    scale.set_defaults(func=cmd_scale)
+
+    bank = sub.add_parser("bank", help="memory bank tools")
+    bsub = bank.add_subparsers(dest="bank_command", required=True)
+    check = bsub.add_parser("check", help="check the bank's invariants; exit 1 on any violation")
+    check.add_argument("--redis", required=True, help="Redis URL")
+    check.add_argument("--prefix", default="qt")
+    check.add_argument("--top-k", type=int, default=3)
+    check.set_defaults(func=cmd_bank_check)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled images")
     _add_config_args(demo)

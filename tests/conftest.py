@@ -8,7 +8,7 @@ import pytest
 
 from qualiteacher.config import load_config
 
-pytest_plugins = ["tests.redis_fixtures"]
+pytest_plugins = ["tests.redis_fixtures", "tests.ray_fixtures"]
 
 
 

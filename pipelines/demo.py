@@ -1,0 +1,58 @@
+"""The main job on the embedded default: bundled images, local Ray, embedded Redis, offline metrics.
+
+Prepares metric parameters, synthesises a task's paired / unpaired / test sets from the
+bundled sample photos, pretrains the stage-1 teacher, trains with QualiTeacher, restores
+the held-out test images at several score conditions and prints what came out and where.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from qualiteacher.config import Config
+from qualiteacher.imageio import list_images, read_image
+
+DEMO_SCORES = (3.0, 5.0, 7.0)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def mean_psnr(pred_dir: Path, gt_dir: Path) -> float:
+    values = [psnr(read_image(p), read_image(gt_dir / p.name)) for p in list_images(pred_dir)
+              if (gt_dir / p.name).exists()]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_demo(cfg: Config, run_dir: Path) -> int:
+    from pipelines.restore import restore_folder
+    from pipelines.train import run
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from qualiteacher.iqa.weights import prepare
+    from qualiteacher.scoring import score_files
+
+    prepare(cfg.paths.resolved_weights_dir(), log=lambda m: print(f"[weights] {m}"))
+    print(f"[demo] training on task '{cfg.data.task}' in {run_dir} (local Ray, embedded Redis)")
+    summary = run(cfg, run_dir)
+    print(f"[demo] trained {summary['steps']} steps, teacher version {summary['teacher_version']}, "
+          f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
+          f"dropped {summary['dropped']}, {summary['elapsed_s']:.0f} s")
+    test_in, test_gt = run_dir / "data" / "test" / "input", run_dir / "data" / "test" / "target"
+    ensemble = IQAEnsemble.from_config(cfg)
+    rows = [("degraded input", test_in)]
+    for score in DEMO_SCORES:
+        out = run_dir / "restored" / f"score_{score:g}"
+        restore_folder(Path(summary["checkpoint"]), test_in, out, score=score)
+        rows.append((f"student @ score {score:g}", out))
+    print(f"\n{'images':<22} {'PSNR vs hidden GT':>18} {'NR ensemble (0-10)':>20}  folder")
+    for label, folder in rows:
+        results = [r for r in score_files(list_images(folder), ensemble) if "error" not in r]
+        nr = float(np.mean([r["ensemble"] for r in results])) if results else float("nan")
+        print(f"{label:<22} {mean_psnr(folder, test_gt):>18.2f} {nr:>20.2f}  {folder}")
+    print(f"\n[demo] summary: {run_dir / 'summary.json'}")
+    return 0

@@ -1,0 +1,213 @@
+"""QualiTeacher training job: the `ray job submit` entrypoint, also run locally by the CLI.
+
+    ray job submit --working-dir . -- python -m pipelines.train --config configs/quickstart.yaml
+
+Joins the Ray cluster it runs in (or starts a local one), uses Redis from `redis.url` /
+$REDIS_URL (or starts an embedded one in the run folder), prepares data, takes the stage-1
+model (pretraining it when none is given), starts the labeller (teachers + scorers) and the
+Ray Train student, and writes `summary.json` in the run folder at the end. Re-running with
+the same run folder resumes from the latest checkpoint and reuses the bank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import ray
+import torch
+
+from qualiteacher.checkpoint import load_training_state
+from qualiteacher.config import Config, load_config
+from services.names import LABELLER
+from services.redis_server import redact_url, resolve_redis
+
+log = logging.getLogger("qualiteacher.train")
+TRAIN_RUN_NAME = "student"
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster we were submitted to (or cfg.ray.address), else start a local one."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"namespace": cfg.ray.namespace, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Logical CPUs: actors ask for fractions; more logical than physical CPUs is fine here.
+        ray.init(num_cpus=cfg.ray.local_num_cpus or max(4, os.cpu_count() or 1),
+                 include_dashboard=False, **kwargs)
+
+
+def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
+    """User folders from config, else the bundled samples with synthetic degradations."""
+    d = cfg.data
+    if d.paired_input_dir and d.paired_target_dir and d.unpaired_dir:
+        return {"paired_input": d.paired_input_dir, "paired_target": d.paired_target_dir,
+                "unpaired": d.unpaired_dir}
+    from qualiteacher.data.samples import SPLITS, make_task_sets
+
+    root = run_dir / "data"
+    sets = {split: root / split for split in SPLITS}
+    if not all(p.is_dir() and any(p.iterdir()) for p in sets.values()):
+        # Deterministic in (task, seed): a resumed run finds the same sets already there.
+        sets = make_task_sets(d.task, root, seed=cfg.seed, size=cfg.labelling.image_size or 128, overwrite=True)
+    return {"paired_input": sets["paired/input"], "paired_target": sets["paired/target"],
+            "unpaired": sets["unpaired/input"], "test_input": sets["test/input"],
+            "test_target": sets["test/target"]}
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest Ray Train checkpoint folder of this run, if any."""
+    root = run_dir / "ray_train" / TRAIN_RUN_NAME
+    found = sorted(root.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+    return next((p for p in reversed(found) if (p / "state.pt").exists()), None)
+
+
+def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[dict, dict, int]:
+    """(student init state, teacher state, teacher version) for this run."""
+    from qualiteacher.checkpoint import load_restorer
+    from pipelines.pretrain import pretrain
+
+    stage1 = cfg.pretrain.checkpoint or run_dir / "pretrain.pt"
+    if not Path(stage1).exists():
+        log.info("pretraining the stage-1 teacher (%d steps)", cfg.pretrain.steps)
+        pretrain(cfg, data["paired_input"], data["paired_target"], Path(stage1), log=log.info)
+    model, _ = load_restorer(Path(stage1))
+    init_state = model.state_dict()
+    resume = latest_checkpoint(run_dir)
+    if resume is None:
+        return init_state, init_state, 0
+    state = load_training_state(resume)
+    log.info("resuming: teacher version %d from %s", state["teacher_version"], resume)
+    return init_state, state["ema"]["teacher"], int(state["teacher_version"])
+
+
+def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
+    from qualiteacher.data.paired import UnpairedImages
+    from services.labeller import Labeller
+
+    unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size)
+    for path, reason in unpaired.errors:
+        log.warning("skipping %s: %s", path, reason)
+    if not unpaired.ids:
+        raise SystemExit(f"no usable images in the unpaired folder {unpaired_dir}")
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    labeller = ray.remote(Labeller).options(
+        name=LABELLER, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=8, lifetime=None,
+    ).remote(cfg.model_dump(mode="json"), redis_url, unpaired.ids, unpaired.images,
+             [ray.put(teacher_state)], version, gpus)
+    return labeller
+
+
+def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_state: dict, version: int):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from services.student import train_loop_per_worker
+
+    tc = cfg.train
+    use_gpu = tc.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": tc.worker_resources.num_cpus}
+    if use_gpu:
+        resources["GPU"] = max(tc.worker_resources.num_gpus, 1.0)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"), "redis_url": redis_url,
+            "paired_input_dir": str(data["paired_input"]), "paired_target_dir": str(data["paired_target"]),
+            "init_state": [ray.put(init_state)], "init_version": version,
+        },
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str((run_dir / "ray_train").resolve())),
+    )
+    return trainer.fit()
+
+
+def bank_summary(cfg: Config, redis_url: str) -> dict:
+    from services.bank.store import MemoryBank
+    from services.redis_server import redis_client
+
+    bank = MemoryBank(redis_client(redis_url), cfg.redis.prefix, cfg.gating.top_k)
+    stats = bank.stats()
+    ids = [image for image, _, _ in bank.list_images(0, 1_000_000, sort="id")]
+    counts = [len(bank.labels(i)) for i in ids]
+    return {"bank_images": len(ids), "bank_entries": sum(counts),
+            "max_entries_per_image": max(counts, default=0), "dropped": stats.get("drops", {}),
+            "bank_stats": stats}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """The whole job; returns the summary written to run_dir/summary.json."""
+    started = time.monotonic()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    with ExitStack() as stack:
+        redis_url, embedded = resolve_redis(cfg.redis.url, run_dir / "redis")
+        if embedded is not None:
+            stack.enter_context(embedded)
+        log.info("redis: %s", redact_url(redis_url))
+        init_ray(cfg)
+        data = prepare_data(cfg, run_dir)
+        init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
+        labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
+        labelling = labeller.run.remote()
+        try:
+            result = run_student(cfg, run_dir, redis_url, data, init_state, version)
+        finally:
+            labeller.stop.remote()
+        label_stats = ray.get(labelling)
+        teacher_versions = ray.get(labeller.teacher_versions.remote())
+        ray.kill(labeller)
+        summary = _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started)
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started) -> dict:
+    checkpoint = latest_checkpoint(run_dir)
+    state = load_training_state(checkpoint) if checkpoint else {"step": 0, "teacher_version": 0}
+    summary = {
+        "steps": int(state["step"]),
+        "teacher_version": int(state["teacher_version"]),
+        "teacher_versions": teacher_versions,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "elapsed_s": round(time.monotonic() - started, 2),
+        "labelling": label_stats,
+        "final_losses": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "mode": cfg.train.mode,
+    }
+    summary.update(bank_summary(cfg, redis_url))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: paths.run_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    summary = run(cfg, args.run_dir or cfg.paths.run_dir)
+    print(json.dumps({k: summary[k] for k in ("steps", "teacher_version", "bank_images", "bank_entries",
+                                              "max_entries_per_image", "dropped", "checkpoint", "elapsed_s")},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

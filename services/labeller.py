@@ -1,0 +1,305 @@
+"""The labelling loop: unpaired images -> teacher actors -> scorer actors -> bank gate.
+
+Runs as one named, threaded actor (`labeller` in the job's namespace):
+- `run()` streams batches round after round (each pass re-labels every image with the
+  newest teacher), keeping each teacher and scorer busy while bounding the work in flight
+  (back-pressure: no new teacher call while the scorers' queues are full);
+- `push_weights()` is the weight-sync hub: the student puts the EMA state once with
+  `ray.put` and hands the reference here; every teacher gets `(ref, version)`, and a
+  restarted teacher is re-seeded with the newest one before it labels again;
+- `scale_scorers(n)` grows or shrinks the scorer pool while the job runs;
+- `stats()` and `stop()` for the driver and the CLI.
+
+PL arrays travel teacher -> scorer through the object store; the labeller only passes
+references and reads the (tiny) version number to enforce staleness.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from qualiteacher.config import Config
+from services.bank.inputs import InputStore
+from services.bank.store import MemoryBank
+from services.names import scorer_name, teacher_name
+from services.redis_server import redis_client
+from services.scorer import ScorerWorker
+from services.teacher import TeacherWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    ids: list[str]
+    images: np.ndarray  # (N, H, W, 3) uint8
+
+
+@dataclass
+class _Scorer:
+    index: int
+    handle: ray.actor.ActorHandle
+    in_flight: int = 0
+    retiring: bool = False
+
+
+@dataclass
+class _LabelCall:
+    teacher: int
+    batch: _Batch
+    pls: ray.ObjectRef
+    finite: ray.ObjectRef
+
+
+@dataclass
+class _ScoreCall:
+    scorer: _Scorer
+    batch: _Batch
+    pls: ray.ObjectRef
+    finite: ray.ObjectRef
+    version: int
+    attempts: int = 1
+
+
+@dataclass
+class LabellerStats:
+    rounds: int = 0
+    labelled: int = 0
+    scored: int = 0
+    admitted: int = 0
+    evicted: int = 0
+    stale: int = 0
+    retries: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "dropped"}
+        out["dropped"] = dict(self.dropped)
+        return out
+
+
+def _batches(ids: list[str], images: list[np.ndarray], size: int) -> list[_Batch]:
+    """Same-shape batches (the teacher batches its forward passes)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    out = []
+    for idx in by_shape.values():
+        for start in range(0, len(idx), size):
+            chunk = idx[start:start + size]
+            out.append(_Batch([ids[i] for i in chunk], np.stack([images[i] for i in chunk])))
+    return out
+
+
+class Labeller:
+    def __init__(self, cfg: dict, redis_url: str, ids: list[str], images: list[np.ndarray],
+                 teacher_state: list, teacher_version: int, num_gpus_available: float = 0.0):
+        self.cfg = Config.model_validate(cfg)
+        self.cfg_dict = cfg
+        self.redis_url = redis_url
+        self.lab = self.cfg.labelling
+        self.bank = MemoryBank(redis_client(redis_url), self.cfg.redis.prefix, self.cfg.gating.top_k)
+        InputStore(self.bank.client, self.cfg.redis.prefix).put_many(dict(zip(ids, images)))
+        self.batches = _batches(ids, images, self.lab.batch_size)
+        self.gpus = num_gpus_available
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.stats_ = LabellerStats()
+        # `teacher_state` is [ref]: wrapped in a list so Ray passes the reference, not the value.
+        self.weights_ref, self.version = teacher_state[0], int(teacher_version)
+        self.teachers = [self._start_teacher(i) for i in range(self.lab.teachers)]
+        self.scorers: list[_Scorer] = []
+        self.next_scorer = itertools.count()
+        self.desired_scorers = self.lab.scorers
+        self._reconcile_scorers()
+        self.bank.set_teacher_version(self.version)
+
+    # ---- actors ----
+    def _resources(self, res) -> dict:
+        return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus if self.gpus > 0 else 0}
+
+    def _start_teacher(self, index: int):
+        opts = self._resources(self.lab.teacher_resources)
+        actor = ray.remote(TeacherWorker).options(
+            name=teacher_name(index), namespace=self.cfg.ray.namespace, max_restarts=-1, max_task_retries=0, **opts,
+        ).remote(self.cfg_dict["model"], self.weights_ref, self.version, opts["num_gpus"] > 0)
+        return actor
+
+    def _reconcile_scorers(self) -> None:
+        """Start or retire scorers until the active pool has the desired size."""
+        active = [s for s in self.scorers if not s.retiring]
+        for _ in range(self.desired_scorers - len(active)):
+            index = next(self.next_scorer)
+            handle = ray.remote(ScorerWorker).options(
+                name=scorer_name(index), namespace=self.cfg.ray.namespace, max_restarts=0, **self._resources(self.lab.scorer_resources),
+            ).remote(self.cfg_dict, self.redis_url)
+            self.scorers.append(_Scorer(index, handle))
+        for scorer in active[self.desired_scorers:]:
+            scorer.retiring = True
+        for scorer in [s for s in self.scorers if s.retiring and s.in_flight == 0]:
+            ray.kill(scorer.handle)
+            self.scorers.remove(scorer)
+        self.bank.set_scorer_count(self.desired_scorers)
+
+    def _replace_scorer(self, dead: _Scorer) -> None:
+        if dead in self.scorers:
+            self.scorers.remove(dead)
+        self._reconcile_scorers()
+
+    # ---- public API (called concurrently with run) ----
+    def push_weights(self, state: list, version: int) -> int:
+        """Newest EMA weights from the student: forward (ref, version) to every teacher."""
+        with self.lock:
+            if version <= self.version:
+                return self.version
+            self.weights_ref, self.version = state[0], int(version)
+            refs = [t.set_weights.remote(self.weights_ref, self.version) for t in self.teachers]
+        self.bank.set_teacher_version(int(version))
+        ray.get(refs)
+        return int(version)
+
+    def teacher_versions(self) -> list[int]:
+        return ray.get([t.get_version.remote() for t in self.teachers])
+
+    def scale_scorers(self, n: int) -> int:
+        if n < 1:
+            raise ValueError("the scorer pool needs at least one scorer while labelling")
+        with self.lock:
+            self.desired_scorers = int(n)
+        return self.desired_scorers
+
+    def scorer_count(self) -> int:
+        with self.lock:
+            return len([s for s in self.scorers if not s.retiring])
+
+    def stats(self) -> dict:
+        with self.lock:
+            out = self.stats_.to_dict()
+            out.update(teacher_version=self.version, scorers=len([s for s in self.scorers if not s.retiring]))
+            return out
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # ---- the loop ----
+    def run(self, max_rounds: int | None = None) -> dict:
+        """Label until stop() (or max_rounds passes); returns the final stats."""
+        labels: dict[ray.ObjectRef, _LabelCall] = {}
+        scores: dict[ray.ObjectRef, _ScoreCall] = {}
+        waiting: list[_ScoreCall] = []  # labelled, waiting for scorer capacity
+        work = self._work_items(max_rounds)
+        exhausted = False
+        busy_teachers: Counter = Counter()
+        while not self.stopping.is_set():
+            with self.lock:
+                self._reconcile_scorers()
+            waiting = self._dispatch_scores(waiting, scores)
+            capacity = self._score_capacity() - len(waiting)
+            while not exhausted and capacity > 0 and len(labels) < 2 * len(self.teachers):
+                batch = next(work, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                teacher = min(range(len(self.teachers)), key=lambda i: busy_teachers[i])
+                pls, finite, version = self.teachers[teacher].label.options(num_returns=3).remote(batch.images)
+                labels[version] = _LabelCall(teacher, batch, pls, finite)
+                busy_teachers[teacher] += 1
+                capacity -= 1
+            if exhausted and not labels and not scores and not waiting:
+                break
+            pending = list(labels) + list(scores)
+            if not pending:
+                time.sleep(0.05)
+                continue
+            ready, _ = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in ready:
+                if ref in labels:
+                    call = labels.pop(ref)
+                    busy_teachers[call.teacher] -= 1
+                    waiting.extend(self._label_done(ref, call))
+                else:
+                    call = scores.pop(ref)
+                    retry = self._score_done(ref, call)
+                    if retry is not None:
+                        waiting.append(retry)
+        return self.stats()
+
+    def _work_items(self, max_rounds: int | None):
+        for round_index in itertools.count():
+            if max_rounds is not None and round_index >= max_rounds:
+                return
+            with self.lock:
+                self.stats_.rounds = round_index + 1
+            yield from self.batches
+
+    def _score_capacity(self) -> int:
+        active = [s for s in self.scorers if not s.retiring]
+        return sum(self.lab.in_flight_per_scorer - s.in_flight for s in active)
+
+    def _dispatch_scores(self, waiting: list[_ScoreCall], scores: dict) -> list[_ScoreCall]:
+        left = []
+        for call in waiting:
+            free = [s for s in self.scorers if not s.retiring and s.in_flight < self.lab.in_flight_per_scorer]
+            if not free:
+                left.append(call)
+                continue
+            scorer = min(free, key=lambda s: s.in_flight)
+            call.scorer = scorer
+            scorer.in_flight += 1
+            ref = scorer.handle.process.remote(call.batch.ids, call.pls, call.finite, call.version)
+            scores[ref] = call
+        return left
+
+    def _label_done(self, version_ref, call: _LabelCall) -> list[_ScoreCall]:
+        try:
+            version = ray.get(version_ref)
+        except (RayActorError, RayTaskError) as exc:
+            log.warning("teacher %d failed (%s); re-seeding it and retrying the batch", call.teacher, exc)
+            self._reseed_teacher(call.teacher)
+            with self.lock:
+                self.stats_.retries += 1
+            pls, finite, v = self.teachers[call.teacher].label.options(num_returns=3).remote(call.batch.images)
+            return [_ScoreCall(None, call.batch, pls, finite, ray.get(v))]  # type: ignore[arg-type]
+        with self.lock:
+            self.stats_.labelled += len(call.batch.ids)
+            newest = self.version
+        if version < newest - self.lab.max_staleness:
+            with self.lock:
+                self.stats_.stale += len(call.batch.ids)
+            self.bank.record_drop("stale", len(call.batch.ids))
+            return []
+        return [_ScoreCall(None, call.batch, call.pls, call.finite, version)]  # type: ignore[arg-type]
+
+    def _reseed_teacher(self, index: int) -> None:
+        with self.lock:
+            ref, version = self.weights_ref, self.version
+        ray.get(self.teachers[index].set_weights.remote(ref, version))
+
+    def _score_done(self, ref, call: _ScoreCall) -> _ScoreCall | None:
+        call.scorer.in_flight -= 1
+        try:
+            report = ray.get(ref)
+        except RayActorError as exc:
+            # The scorer died: its batch goes to another one (gating is idempotent, so a
+            # batch that was half gated before the crash is not duplicated).
+            log.warning("scorer %d died (%s); replacing it and retrying its batch", call.scorer.index, exc)
+            with self.lock:
+                self._replace_scorer(call.scorer)
+                self.stats_.retries += 1
+            call.attempts += 1
+            return call if call.attempts <= 3 else None
+        with self.lock:
+            self.stats_.scored += report["images"]
+            self.stats_.admitted += report["admitted"]
+            self.stats_.evicted += report["evicted"]
+            self.stats_.dropped.update(report["dropped"])
+        return None

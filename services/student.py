@@ -1,0 +1,226 @@
+"""The Ray Train student loop: bank pseudo-labels + paired data -> every loss -> EMA -> push.
+
+Each rank draws its own bank samples (Ray Data is bounded-only, the bank is not), and every
+rank runs exactly `train.steps` steps, so collective calls always line up. Gradients are
+averaged with one flat all-reduce after backward instead of a DDP wrapper: a step runs the
+student several times (pixel, preference at two scores, cropped consistency) and a manual
+all-reduce is correct for any number of forwards.
+
+Rank 0 keeps the EMA teacher; every `push_every` steps it does one `ray.put` of its CPU
+state and hands `(ref, version)` to the labeller, which forwards it to every teacher.
+Checkpoints (student, EMA, optimiser, step, teacher version) go through `ray.train.report`;
+a restarted run resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from qualiteacher.checkpoint import load_training_state, save_training_state
+from qualiteacher.config import Config
+from qualiteacher.data.paired import PairedImages
+from qualiteacher.losses.consistency import cropped_consistency_loss
+from qualiteacher.losses.pixel import block_weighted_l1, l1
+from qualiteacher.losses.preference import preference_step
+from qualiteacher.method.ema import EMA
+from qualiteacher.models.build import build_model
+from qualiteacher.models.injection import injection_snapshot
+from services.bank.inputs import InputStore
+from services.bank.store import MemoryBank, decode_image, decode_weights
+from services.names import LABELLER
+from services.redis_server import redis_client
+
+log = logging.getLogger(__name__)
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Average gradients over ranks with one flat all-reduce (missing grads count as 0)."""
+    if world_size == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+class BankBatches:
+    """Samples bank entries and assembles aligned (input, PL, weight map, level, q_min) crops."""
+
+    def __init__(self, cfg: Config, redis_url: str, rng: np.random.Generator):
+        client = redis_client(redis_url)
+        self.bank = MemoryBank(client, cfg.redis.prefix, cfg.gating.top_k)
+        self.inputs = InputStore(client, cfg.redis.prefix)
+        self.crop = cfg.data.crop_size
+        self.cap = cfg.model.score_cap
+        self.rng = rng
+
+    def wait_for_entries(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.bank.num_images() == 0:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def sample(self, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        entries = self.bank.sample(n, self.rng)
+        inputs = self.inputs.get_many({e.image_id for e in entries})
+        rows = [(e, inputs[e.image_id]) for e in entries if e.image_id in inputs]
+        if not rows:
+            return None
+        xs, pls, maps = [], [], []
+        for entry, image in rows:
+            pl = decode_image(entry.image)
+            x, y, w = self._aligned_crop(image, pl, decode_weights(entry.weights))
+            xs.append(x), pls.append(y), maps.append(w)
+        return {
+            "x": torch.stack(xs).to(device),
+            "pl": torch.stack(pls).to(device),
+            "weights": torch.stack(maps).to(device),
+            "level": torch.tensor([min(e.level, self.cap) for e, _ in rows], device=device),
+            "q_min": torch.tensor([e.teacher_q_min for e, _ in rows], device=device),
+        }
+
+    def _aligned_crop(self, image: np.ndarray, pl: np.ndarray, grid: np.ndarray):
+        x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+        y = torch.from_numpy(pl).permute(2, 0, 1).float() / 255.0
+        h, w = x.shape[-2:]
+        wmap = torch.ones(1, h, w) if grid.size == 0 else F.interpolate(
+            torch.from_numpy(grid)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        c = min(self.crop, h, w)
+        top, left = int(self.rng.integers(0, h - c + 1)), int(self.rng.integers(0, w - c + 1))
+        box = (slice(None), slice(top, top + c), slice(left, left + c))
+        return x[box], y[box], wmap[box]
+
+
+def _save_checkpoint(model, ema, opt, step, version, cfg) -> "ray.train.Checkpoint":
+    from ray.train import Checkpoint
+
+    directory = Path(tempfile.mkdtemp(prefix="qt-ckpt-"))
+    save_training_state(directory, student_state=model.state_dict(), ema_state=ema.state_dict(),
+                        optimizer_state=opt.state_dict(), step=step, teacher_version=version,
+                        model_cfg=cfg.model)
+    return Checkpoint.from_directory(str(directory))
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    import ray.train
+    from ray.train.torch import get_device
+
+    cfg = Config.model_validate(loop_cfg["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device() if cfg.train.use_gpu else torch.device("cpu")
+
+    model = build_model(cfg.model)
+    model.load_state_dict(ray.get(loop_cfg["init_state"][0]))
+    initial_injection = injection_snapshot(model) if cfg.model.score_condition else None
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    ema = EMA(model, cfg.ema.decay)
+    step, version = 0, int(loop_cfg["init_version"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(d)
+        model.load_state_dict(state["student"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, version = int(state["step"]), int(state["teacher_version"])
+        log.info("rank %d resumed at step %d, teacher version %d", rank, step, version)
+    if initial_injection is not None:
+        initial_injection = {k: v.to(device) for k, v in initial_injection.items()}
+
+    rng = np.random.default_rng([cfg.seed, rank, step])
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7919 + step)
+    paired = PairedImages(loop_cfg["paired_input_dir"], loop_cfg["paired_target_dir"])
+    bank = BankBatches(cfg, loop_cfg["redis_url"], rng)
+    bank.wait_for_entries(cfg.train.bank_wait_s)
+    reward = _reward_fn(cfg, loop_cfg)
+    labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
+    push = None
+
+    while step < cfg.train.steps:
+        losses = _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        average_gradients(model, world)
+        opt.step()
+        ema.update(model)
+        step += 1
+        if step % cfg.train.push_every == 0:
+            version += 1
+            if rank == 0:
+                if push is not None:
+                    ray.get(push)  # at most one push in flight
+                ref = ray.put(ema.cpu_state_dict())
+                push = labeller.push_weights.remote([ref], version)
+        metrics = {k: float(v.detach()) for k, v in losses.items()}
+        metrics.update(step=step, teacher_version=version)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            ckpt = _save_checkpoint(model, ema, opt, step, version, cfg) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)
+    if push is not None:
+        ray.get(push)
+
+
+def _reward_fn(cfg: Config, loop_cfg: dict):
+    needs = cfg.train.mode == "qualiteacher" and (cfg.loss.preference.enabled or cfg.loss.consistency.enabled)
+    if not needs:
+        return None
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+
+    ensemble = IQAEnsemble.from_config(cfg)
+    log.info("differentiable reward uses %s", ensemble.differentiable_names)
+    return ensemble.reward
+
+
+def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection) -> dict:
+    tc, lc = cfg.train, cfg.loss
+    x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
+    x_p, y_p = x_p.to(device), y_p.to(device)
+    out = {"supervised": l1(model(x_p, cfg.model.score_cap), y_p)}
+    total = lc.supervised_weight * out["supervised"]
+    batch = bank.sample(tc.bank_batch_size, device)
+    if batch is not None:
+        level = batch["level"] if cfg.model.score_condition else None
+        pred = model(batch["x"], level)
+        out["pixel"] = block_weighted_l1(pred, batch["pl"], batch["weights"])
+        total = total + lc.pixel_weight * out["pixel"]
+        if reward is not None and step >= lc.preference.warmup_steps:
+            total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out)
+    out["total"] = total
+    return out
+
+
+def _method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict) -> torch.Tensor:
+    lc = cfg.loss
+    total = torch.zeros((), device=batch["x"].device)
+    y_high = None
+    if lc.preference.enabled and cfg.model.score_condition:
+        pref, outputs = preference_step(model, batch["x"], reward, batch["q_min"], lc.preference,
+                                        generator=gen, initial=initial_injection, high_score=cfg.model.score_cap)
+        out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
+        total = total + pref["total"]
+        y_high = outputs["y_high"]
+    if lc.consistency.enabled:
+        out["consistency"] = cropped_consistency_loss(model, batch["x"], reward, lc.consistency.crop_area,
+                                                      generator=gen, score=cfg.model.score_cap,
+                                                      full_output=y_high)
+        total = total + lc.consistency.weight * out["consistency"]
+    return total

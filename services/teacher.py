@@ -1,0 +1,59 @@
+"""Teacher actor: versioned EMA weights, multi-augmentation pseudo-labels for a batch.
+
+Plain class; `services.launch` wraps it with `ray.remote`. Weights arrive as a CPU state
+dict (resolved by Ray from the `ray.put` reference the student pushed) with a version
+number; a version that is not newer than the one held is ignored, so late or duplicated
+pushes are harmless (the RLlib `sync_weights` pattern).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from qualiteacher.config import ModelConfig
+from qualiteacher.method.augment import AUGMENTATIONS, multi_aug_pseudo_labels
+from qualiteacher.models.build import build_model
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(want_gpu: bool) -> torch.device:
+    return torch.device("cuda" if want_gpu and torch.cuda.is_available() else "cpu")
+
+
+class TeacherWorker:
+    def __init__(self, model_cfg: dict, state: dict[str, torch.Tensor] | None, version: int,
+                 use_gpu: bool = False):
+        self.device = pick_device(use_gpu)
+        self.model = build_model(ModelConfig.model_validate(model_cfg)).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.version = -1
+        if state is not None:
+            self.set_weights(state, version)
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Load weights if `version` is newer than the held one; returns the version held."""
+        if version <= self.version:
+            return self.version
+        self.model.load_state_dict(state)
+        self.version = int(version)
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    @torch.no_grad()
+    def label(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """images (N, H, W, 3) uint8 -> (PLs (N, K, H, W, 3) uint8, finite mask (N,), version).
+
+        A PL set with NaN or Inf anywhere is flagged (mask False) and must never reach the bank.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        pls = multi_aug_pseudo_labels(lambda b: self.model(b), x, AUGMENTATIONS)
+        finite = torch.isfinite(pls).flatten(1).all(dim=1)
+        out = pls.nan_to_num(0.0).clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+        return out.permute(0, 1, 3, 4, 2).cpu().numpy(), finite.cpu().numpy(), self.version
