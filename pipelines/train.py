@@ -25,8 +25,10 @@ import torch
 
 from qualiteacher.checkpoint import load_training_state
 from qualiteacher.config import Config, load_config
+from pipelines.progress import ProgressReporter
+from services.bank.store import MemoryBank
 from services.names import LABELLER
-from services.redis_server import redact_url, resolve_redis
+from services.redis_server import redact_url, redis_client, resolve_redis
 
 log = logging.getLogger("qualiteacher.train")
 TRAIN_RUN_NAME = "student"
@@ -131,11 +133,30 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
     return trainer.fit()
 
 
-def bank_summary(cfg: Config, redis_url: str) -> dict:
-    from services.bank.store import MemoryBank
-    from services.redis_server import redis_client
+def _bank(cfg: Config, redis_url: str) -> MemoryBank:
+    return MemoryBank(redis_client(redis_url), cfg.redis.prefix, cfg.gating.top_k)
 
-    bank = MemoryBank(redis_client(redis_url), cfg.redis.prefix, cfg.gating.top_k)
+
+def preflight(cfg: Config) -> None:
+    """Fail before any work starts when a metric or loss file is missing."""
+    from qualiteacher.iqa.registry import get_spec
+    from qualiteacher.iqa.weights import require_weights
+    from qualiteacher.losses.perceptual import vgg19_weights_path
+
+    weights_dir = cfg.paths.resolved_weights_dir()
+    for name in cfg.iqa.metrics:
+        require_weights(get_spec(name), weights_dir)
+    vgg = vgg19_weights_path(weights_dir)
+    if cfg.loss.perceptual_weight > 0 and not vgg.is_file():
+        raise FileNotFoundError(
+            f"loss.perceptual_weight > 0 needs VGG-19 weights at {vgg} "
+            "(torchvision's vgg19-dcbb9e9d.pth); set the weight to 0 or place the file there")
+    if cfg.pretrain.checkpoint is not None and not cfg.pretrain.checkpoint.exists():
+        raise FileNotFoundError(f"pretrain.checkpoint not found: {cfg.pretrain.checkpoint}")
+
+
+def bank_summary(cfg: Config, redis_url: str) -> dict:
+    bank = _bank(cfg, redis_url)
     stats = bank.stats()
     ids = [image for image, _, _ in bank.list_images(0, 1_000_000, sort="id")]
     counts = [len(bank.labels(i)) for i in ids]
@@ -153,6 +174,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def run(cfg: Config, run_dir: Path) -> dict:
     """The whole job; returns the summary written to run_dir/summary.json."""
     started = time.monotonic()
+    preflight(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     with ExitStack() as stack:
@@ -165,9 +187,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
         init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
+        progress = ProgressReporter(_bank(cfg, redis_url))
+        progress.start()
         try:
             result = run_student(cfg, run_dir, redis_url, data, init_state, version)
         finally:
+            progress.stop()
             labeller.stop.remote()
         label_stats = ray.get(labelling)
         teacher_versions = ray.get(labeller.teacher_versions.remote())

@@ -68,6 +68,11 @@ class BankBatches:
         self.cap = cfg.model.score_cap
         self.rng = rng
 
+    def report_progress(self, step: int, total: int, loss: float) -> None:
+        """Rank 0's step and loss, for the driver's progress line and the monitor."""
+        self.bank.client.hset(self.bank.keys.meta, mapping={
+            "student_step": step, "student_steps": total, "student_loss": f"{loss:.5f}"})
+
     def wait_for_entries(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while self.bank.num_images() == 0:
@@ -152,11 +157,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     bank = BankBatches(cfg, loop_cfg["redis_url"], rng)
     bank.wait_for_entries(cfg.train.bank_wait_s)
     reward = _reward_fn(cfg, loop_cfg)
+    perceptual = _perceptual_fn(cfg, device)
     labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
     push = None
 
     while step < cfg.train.steps:
-        losses = _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection)
+        losses = _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection, perceptual)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         average_gradients(model, world)
@@ -172,6 +178,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 push = labeller.push_weights.remote([ref], version)
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics.update(step=step, teacher_version=version)
+        if rank == 0:
+            bank.report_progress(step, cfg.train.steps, metrics["total"])
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             ckpt = _save_checkpoint(model, ema, opt, step, version, cfg) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
@@ -190,7 +198,16 @@ def _reward_fn(cfg: Config, loop_cfg: dict):
     return ensemble.reward
 
 
-def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection) -> dict:
+def _perceptual_fn(cfg: Config, device: torch.device):
+    if cfg.loss.perceptual_weight <= 0:
+        return None
+    from qualiteacher.losses.perceptual import VGGPerceptualLoss
+
+    return VGGPerceptualLoss(cfg.paths.resolved_weights_dir()).to(device).eval()
+
+
+def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection,
+            perceptual=None) -> dict:
     tc, lc = cfg.train, cfg.loss
     x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
     x_p, y_p = x_p.to(device), y_p.to(device)
@@ -202,6 +219,9 @@ def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_in
         pred = model(batch["x"], level)
         out["pixel"] = block_weighted_l1(pred, batch["pl"], batch["weights"])
         total = total + lc.pixel_weight * out["pixel"]
+        if perceptual is not None:
+            out["perceptual"] = perceptual(pred, batch["pl"])
+            total = total + lc.perceptual_weight * out["perceptual"]
         if reward is not None and step >= lc.preference.warmup_steps:
             total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out)
     out["total"] = total
