@@ -170,6 +170,20 @@ def cmd_bank_check(args) -> int:
     return EXIT_PARTIAL if problems else EXIT_OK
 
 
+# ---- monitor ----
+def cmd_monitor(args) -> int:
+    import os
+
+    from services.monitor.app import TOKEN_ENV, serve
+
+    try:
+        serve(args.redis, host=args.host, port=args.port, token=args.token or os.environ.get(TOKEN_ENV),
+              prefix=args.prefix)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
 # ---- demo ----
 def cmd_demo(args) -> int:
     from pipelines.demo import run_demo
@@ -244,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--prefix", default="qt")
     check.add_argument("--top-k", type=int, default=3)
     check.set_defaults(func=cmd_bank_check)
+
+    monitor = sub.add_parser("monitor", help="read-only web monitor of the memory bank (FastAPI)")
+    monitor.add_argument("--redis", required=True, help="Redis URL of the bank")
+    monitor.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                         "than loopback needs a token)")
+    monitor.add_argument("--port", type=int, default=8000)
+    monitor.add_argument("--token", help="require this token on every request (default: "
+                         "$QUALITEACHER_MONITOR_TOKEN)")
+    monitor.add_argument("--prefix", default="qt", help="the bank's Redis key prefix")
+    monitor.set_defaults(func=cmd_monitor)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled images")
     _add_config_args(demo)

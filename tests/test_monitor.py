@@ -1,0 +1,619 @@
+"""The bank monitor against a real Redis: every endpoint, limits, ids, PNGs, 503, token, page.
+
+The bank is filled the way the scorers fill it (``build_entry`` + ``MemoryBank.gate``,
+drops recorded, inputs in the ``InputStore``) from scikit-image's sample photos with
+synthetic degradations, so the page shows real pictures. The browser test drives Debian's
+Chromium through chromedriver's W3C WebDriver HTTP API (httpx, no selenium) and saves
+screenshots under its tmp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from services.bank.inputs import InputStore
+from services.bank.store import MemoryBank, build_entry
+from services.monitor import create_app
+from services.redis_server import EmbeddedRedis, free_port, redis_client
+from tests.redis_fixtures import unique_prefix
+
+METRICS = ("brisque", "niqe", "piqe")
+BAD_IDS = ["a:b", "*", "a*", "a b", "{x}", "-x", ".x", "x" * 129, "qt:counters", "é"]
+
+
+# ---------------------------------------------------------------------------- bank filling
+def _photos(n: int, size: int = 96) -> list[tuple[str, np.ndarray]]:
+    from qualiteacher.data.samples import load_sample, sample_names, square_resize
+
+    names = sample_names()[:n]
+    return [(name.replace("_", "-"), square_resize(load_sample(name), size)) for name in names]
+
+
+def fill_bank(bank: MemoryBank, n_images: int = 8, seed: int = 0) -> dict[str, dict]:
+    """Gate PL sets for ``n_images`` photos (two teacher versions, so some are evicted).
+
+    Returns, per image id, its input and the PL arrays by label id.
+    """
+    from qualiteacher.data.degradations import TASKS, degrade
+
+    rng = np.random.default_rng(seed)
+    inputs = InputStore(bank.client, bank.prefix)
+    made: dict[str, dict] = {}
+    augs = ("hflip", "vflip", "rot90")
+    for i, (image_id, clean) in enumerate(_photos(n_images)):
+        task = TASKS[i % len(TASKS)]
+        degraded = degrade(clean, task, np.random.default_rng(seed + i))
+        inputs.put_many({image_id: degraded})
+        pls: dict[str, np.ndarray] = {}
+        quality = rng.uniform(-0.3, 0.1)  # some images are harder than others
+        for version in (1, 2):
+            entries = []
+            for j, aug in enumerate(augs):
+                alpha = 0.3 + 0.25 * version + 0.04 * j
+                pl = np.clip((1 - alpha) * degraded + alpha * clean + rng.normal(0, 2, clean.shape), 0, 255)
+                pl = pl.astype(np.uint8)
+                norm = {m: float(np.clip(alpha + quality - 0.05 + 0.1 * rng.random(), 0, 1)) for m in METRICS}
+                raw = {"brisque": 150 * (1 - norm["brisque"]), "niqe": 100 * (1 - norm["niqe"]),
+                       "piqe": 100 * (1 - norm["piqe"])}
+                ensemble = 10 * (0.4 * norm["brisque"] + 0.3 * norm["niqe"] + 0.3 * norm["piqe"])
+                label = f"{image_id}.v{version}.{aug}"
+                pls[label] = pl
+                entries.append(build_entry(
+                    image_id, label, ensemble=ensemble, image=pl, teacher_version=version, augmentation=aug,
+                    raw_scores=raw, normalized_scores=norm, weights=rng.uniform(0.5, 1.5, (2, 2)),
+                    teacher_q_min=0.2, created_at_ms=int(time.time() * 1000) - 1000 * (60 - 10 * version),
+                ))
+            bank.gate(image_id, entries)
+        made[image_id] = {"input": degraded, "pls": pls}
+    bank.record_drop("multi", 3)
+    bank.record_drop("aug", 2)
+    bank.record_drop("stale", 1)
+    bank.set_teacher_version(2)
+    bank.set_scorer_count(2)
+    return made
+
+
+@pytest.fixture(scope="module")
+def filled(redis_server: EmbeddedRedis) -> Iterator[tuple[MemoryBank, dict]]:
+    bank = MemoryBank(redis_server.client(), prefix=unique_prefix(), top_k=3)
+    made = fill_bank(bank)
+    assert bank.check_invariants() == []
+    yield bank, made
+    bank.clear()
+    bank.client.close()
+
+
+@pytest.fixture(scope="module")
+def api(filled, redis_url) -> Iterator[TestClient]:
+    bank, _ = filled
+    with TestClient(create_app(redis_url, prefix=bank.prefix)) as client:
+        yield client
+
+
+def _png(resp: httpx.Response) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(resp.content), formats=["PNG"]) as img:
+        return np.asarray(img)
+
+
+# ---------------------------------------------------------------------------- JSON endpoints
+def test_healthz(api, filled):
+    r = api.get("/healthz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["redis"] == "up" and body["prefix"] == filled[0].prefix
+    assert body["latency_ms"] >= 0
+
+
+def test_stats_match_the_bank(api, filled):
+    bank, made = filled
+    s = api.get("/bank/stats").json()
+    ref = bank.stats()
+    assert s["images"] == len(made) == ref["images"]
+    assert s["entries"] == 3 * len(made) == ref["entries"]
+    assert s["histogram"] == ref["histogram"] and sum(s["histogram"]["counts"]) == s["entries"]
+    assert s["drops"] == {"aug": 2, "multi": 3, "stale": 1} and s["dropped_total"] == 6
+    assert s["counters"] == ref["counters"]
+    gated = ref["counters"]["gate_calls"]
+    assert s["drop_rate"] == pytest.approx(6 / (6 + gated))
+    assert s["gating_rate"] == pytest.approx(ref["counters"]["admitted"] / ref["counters"]["candidates"])
+    assert s["teacher_version"] == 2 and s["scorer_count"] == 2 and s["top_k"] == 3
+    assert s["events"] == gated and s["last_event_ms"] <= s["time_ms"]
+
+
+def test_images_sorted_and_paged(api, filled):
+    bank, made = filled
+    first = api.get("/bank/images", params={"limit": 3}).json()
+    assert first["total"] == len(made) and first["limit"] == 3 and first["sort"] == "score"
+    seen, offset = [], 0
+    while True:
+        page = api.get("/bank/images", params={"offset": offset, "limit": 3}).json()
+        if not page["items"]:
+            break
+        seen += page["items"]
+        offset += 3
+    assert [i["image_id"] for i in seen] == [i for i, _, _ in bank.list_images(0, 100)]
+    scores = [i["best_score"] for i in seen]
+    assert scores == sorted(scores, reverse=True)
+    for item in seen:
+        entries = bank.entries(item["image_id"])
+        assert item["entries"] == len(entries) == 3
+        assert item["best_label_id"] == entries[0].label_id
+        assert item["best_score"] == pytest.approx(entries[0].ensemble)
+        assert item["thumbnail_url"] == f"/bank/images/{item['image_id']}/entries/0.png?size=160"
+    by_id = api.get("/bank/images", params={"sort": "id", "limit": 200}).json()["items"]
+    assert [i["image_id"] for i in by_id] == sorted(made)
+    recent = api.get("/bank/images", params={"sort": "recent", "limit": 200}).json()["items"]
+    assert [i["image_id"] for i in recent] == list(reversed(list(made)))
+    assert api.get("/bank/images", params={"offset": 1000}).json()["items"] == []
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 201}, {"limit": 10**6}, {"offset": -1},
+                                    {"sort": "bogus"}, {"limit": "x"}])
+def test_images_limits(api, params):
+    r = api.get("/bank/images", params=params)
+    assert r.status_code == 422
+    assert r.json()["error"] == "invalid_request"
+
+
+def test_images_max_page(api, filled):
+    assert api.get("/bank/images", params={"limit": 200}).status_code == 200
+
+
+def test_image_detail(api, filled):
+    bank, made = filled
+    image_id = next(iter(made))
+    d = api.get(f"/bank/images/{image_id}").json()
+    entries = bank.entries(image_id)
+    assert d["image_id"] == image_id and d["input_url"] == f"/bank/images/{image_id}/input.png"
+    assert [e["label_id"] for e in d["entries"]] == [e.label_id for e in entries]
+    assert [e["rank"] for e in d["entries"]] == [0, 1, 2]
+    ens = [e["ensemble"] for e in d["entries"]]
+    assert ens == sorted(ens, reverse=True)
+    for e, ref in zip(d["entries"], entries):
+        assert set(e["raw_scores"]) == set(e["normalized_scores"]) == set(METRICS)
+        assert e["normalized_scores"] == pytest.approx(dict(ref.normalized_scores))
+        assert e["raw_scores"] == pytest.approx(dict(ref.raw_scores))
+        assert e["level"] == pytest.approx(min(ref.ensemble, 7.0))
+        assert e["teacher_version"] == 2  # version 2's PLs are better: they evicted version 1's
+        assert e["age_s"] >= 10 and (e["width"], e["height"], e["channels"]) == (96, 96, 3)
+        assert e["weights"]["rows"] == 2 and len(e["weights"]["values"]) == 4
+        assert e["image_url"] == f"/bank/images/{image_id}/entries/{e['rank']}.png"
+
+
+def test_unknown_image_is_404(api):
+    for path in ("/bank/images/nope", "/bank/images/nope/entries/0.png", "/bank/images/nope/input.png"):
+        r = api.get(path)
+        assert r.status_code == 404, path
+        assert r.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_ids_rejected(api, bad):
+    from urllib.parse import quote
+
+    q = quote(bad, safe="")
+    for path in (f"/bank/images/{q}", f"/bank/images/{q}/entries/0.png", f"/bank/images/{q}/input.png"):
+        r = api.get(path)
+        assert r.status_code == 422, (path, r.status_code, r.text)
+        assert r.json()["error"] == "invalid_id"
+
+
+@pytest.mark.parametrize("path", ["/bank/images/../../etc/passwd", "/bank/images/%2E%2E%2Fx", "/bank/images/a%2Fb",
+                                  "/bank/images/..%2F..%2Fetc%2Fpasswd/input.png", "/bank/images/%00",
+                                  "/static/..%2F..%2Fapp.py", "/static/../app.py"])
+def test_traversal_never_reaches_other_data(api, path):
+    r = api.get(path)
+    assert r.status_code in (404, 422), (path, r.status_code)
+    assert r.headers["content-type"].startswith("application/json")
+
+
+def test_entry_png_is_the_stored_pl(api, filled):
+    bank, made = filled
+    image_id = next(iter(made))
+    for rank, entry in enumerate(bank.entries(image_id)):
+        arr = _png(api.get(f"/bank/images/{image_id}/entries/{rank}.png"))
+        np.testing.assert_array_equal(arr, made[image_id]["pls"][entry.label_id])
+    thumb = _png(api.get(f"/bank/images/{image_id}/entries/0.png", params={"size": 32}))
+    assert thumb.shape == (32, 32, 3)
+    assert _png(api.get(f"/bank/images/{image_id}/entries/0.png", params={"size": 512})).shape == (96, 96, 3)
+
+
+def test_entry_png_limits_and_etag(api, filled):
+    image_id = next(iter(filled[1]))
+    base = f"/bank/images/{image_id}/entries"
+    assert api.get(f"{base}/3.png").status_code == 404
+    assert api.get(f"{base}/64.png").status_code == 422
+    assert api.get(f"{base}/-1.png").status_code == 422
+    assert api.get(f"{base}/x.png").status_code == 422
+    for size in (0, 8, 513, 100000):
+        assert api.get(f"{base}/0.png", params={"size": size}).status_code == 422, size
+    r = api.get(f"{base}/0.png", params={"size": 64})
+    etag = r.headers["etag"]
+    again = api.get(f"{base}/0.png", params={"size": 64}, headers={"If-None-Match": etag})
+    assert again.status_code == 304 and not again.content
+
+
+def test_raw_payload_served_as_png(bank, redis_url):
+    arr = np.random.default_rng(3).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    bank.gate("raw-img", [build_entry("raw-img", "raw-img.v1.hflip", ensemble=5.0, image=arr, image_format="raw")])
+    with TestClient(create_app(redis_url, prefix=bank.prefix)) as c:
+        np.testing.assert_array_equal(_png(c.get("/bank/images/raw-img/entries/0.png")), arr)
+        assert _png(c.get("/bank/images/raw-img/entries/0.png", params={"size": 16})).shape == (11, 16, 3)
+        d = c.get("/bank/images/raw-img").json()
+        assert d["input_url"] is None and len(d["entries"]) == 1
+        assert c.get("/bank/images/raw-img/input.png").status_code == 404
+
+
+def test_input_png(api, filled):
+    _, made = filled
+    image_id = next(iter(made))
+    np.testing.assert_array_equal(_png(api.get(f"/bank/images/{image_id}/input.png")), made[image_id]["input"])
+    assert _png(api.get(f"/bank/images/{image_id}/input.png", params={"size": 48})).shape == (48, 48, 3)
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A strict reader of the text format 0.0.4: every sample after its HELP and TYPE."""
+    families: dict[str, list] = {}
+    types: dict[str, str] = {}
+    helped: set[str] = set()
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split(" ", 3)[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("gauge", "counter", "histogram", "summary", "untyped")
+            types[name] = kind
+        else:
+            m = _SAMPLE.match(line)
+            assert m, f"bad sample line {line!r}"
+            name, labels, value = m.group(1), m.group(2) or "{}", m.group(3)
+            assert name in types and name in helped, f"{name} has no TYPE/HELP before it"
+            if types[name] == "counter":
+                assert name.endswith("_total")
+            pairs = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels))
+            families.setdefault(name, []).append((pairs, float(value)))
+    return families
+
+
+def test_metrics(api, filled):
+    bank, made = filled
+    r = api.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    fam = parse_prometheus(r.text)
+    one = {name: samples[0][1] for name, samples in fam.items() if len(samples) == 1}
+    assert one["qualiteacher_redis_up"] == 1
+    assert one["qualiteacher_bank_images"] == len(made)
+    assert one["qualiteacher_bank_entries"] == 3 * len(made)
+    assert one["qualiteacher_teacher_version"] == 2 and one["qualiteacher_scorers"] == 2
+    assert one["qualiteacher_gate_admitted_total"] == bank.stats()["counters"]["admitted"]
+    drops = {labels["reason"]: v for labels, v in fam["qualiteacher_dropped_total"]}
+    assert drops == {"aug": 2, "multi": 3, "stale": 1}
+    bins = fam["qualiteacher_bank_entries_by_score"]
+    assert len(bins) == 10 and sum(v for _, v in bins) == 3 * len(made)
+    assert all(labels["prefix"] == bank.prefix for samples in fam.values() for labels, _ in samples)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_read_only(api, filled, method):
+    bank, made = filled
+    before = bank.stats()
+    for path in ("/bank/stats", "/bank/images", f"/bank/images/{next(iter(made))}", "/healthz"):
+        r = api.request(method, path)
+        assert r.status_code == 405, (method, path)
+    assert bank.stats() == before
+
+
+def test_page_and_assets_are_self_contained(api):
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "__QS__" not in page.text and 'src="/static/app.js"' in page.text
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for asset, kind in (("/static/app.js", "javascript"), ("/static/app.css", "text/css")):
+        r = api.get(asset)
+        assert r.status_code == 200 and kind in r.headers["content-type"], asset
+        # No CDN, font or any other outside address (the SVG namespace is a name, not a fetch).
+        assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)", r.text), asset
+    assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)", page.text)
+    assert api.get("/static/nope.js").status_code == 404
+
+
+def test_openapi_lists_the_endpoints(api):
+    paths = set(api.get("/openapi.json").json()["paths"])
+    assert {"/healthz", "/bank/stats", "/bank/images", "/bank/images/{image_id}",
+            "/bank/images/{image_id}/entries/{rank}.png", "/bank/images/{image_id}/input.png",
+            "/metrics"} <= paths
+    assert api.get("/docs").status_code == 404  # Swagger UI would need a CDN
+
+
+# ---------------------------------------------------------------------------- token
+def test_token_required_everywhere(filled, redis_url):
+    bank, made = filled
+    token = "s3cr3t-t0ken"
+    image_id = next(iter(made))
+    paths = ["/", "/static/app.js", "/static/app.css", "/healthz", "/bank/stats", "/bank/images",
+             f"/bank/images/{image_id}", f"/bank/images/{image_id}/entries/0.png",
+             f"/bank/images/{image_id}/input.png", "/metrics", "/openapi.json", "/nope"]
+    with TestClient(create_app(redis_url, prefix=bank.prefix, token=token)) as c:
+        for path in paths:
+            for headers, params in (({}, {}), ({"Authorization": "Bearer wrong"}, {}), ({}, {"token": "wrong"}),
+                                    ({"Authorization": f"Basic {token}"}, {}), ({}, {"token": ""}),
+                                    ({"Authorization": "Bearer " + token[:-1]}, {})):
+                r = c.get(path, headers=headers, params=params)
+                assert r.status_code == 401, (path, headers, params)
+                assert r.json()["error"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+                assert token not in r.text
+            ok_header = c.get(path, headers={"Authorization": f"Bearer {token}"})
+            ok_query = c.get(path, params={"token": token})
+            expected = 404 if path == "/nope" else 200
+            assert ok_header.status_code == ok_query.status_code == expected, path
+        page = c.get("/", params={"token": token}).text
+        assert f'src="/static/app.js?token={token}"' in page and f'href="/static/app.css?token={token}"' in page
+        # A token with characters that need quoting is forwarded quoted and escaped.
+    with TestClient(create_app(redis_url, prefix=bank.prefix, token='a"b<c>&d e')) as c:
+        page = c.get("/", params={"token": 'a"b<c>&d e'})
+        assert page.status_code == 200 and "a%22b%3Cc%3E%26d%20e" in page.text and "<c>" not in page.text
+
+
+def test_empty_token_means_no_token(filled, redis_url):
+    with TestClient(create_app(redis_url, prefix=filled[0].prefix, token="")) as c:
+        assert c.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------- Redis down
+def test_503_when_nothing_listens():
+    url = f"redis://:pa55word@127.0.0.1:{free_port()}/0"
+    with TestClient(create_app(url)) as c:
+        t0 = time.monotonic()
+        for path in ("/healthz", "/bank/stats", "/bank/images", "/bank/images/x", "/bank/images/x/entries/0.png",
+                     "/bank/images/x/input.png"):
+            r = c.get(path)
+            assert r.status_code == 503, path
+            body = r.json()
+            assert body["error"] == "redis_unavailable" and "Traceback" not in r.text
+            assert "pa55word" not in r.text and "***" in body["detail"]
+            assert r.headers["retry-after"] == "2"
+        assert time.monotonic() - t0 < 15  # a quick answer, not a long retry loop
+        m = c.get("/metrics")
+        assert m.status_code == 200
+        assert parse_prometheus(m.text)["qualiteacher_redis_up"][0][1] == 0
+        # Bad input is still bad input, even with Redis away.
+        assert c.get("/bank/images/a:b").status_code == 422
+
+
+def test_503_while_redis_restarts_then_recovers(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis", password="pw-x9")
+    server.start()
+    try:
+        bank = MemoryBank(redis_client(server.url), prefix="qt")
+        fill_bank(bank, n_images=2)
+        with TestClient(create_app(server.url)) as c:
+            assert c.get("/bank/stats").json()["images"] == 2
+            health = c.get("/healthz").json()
+            assert "pw-x9" not in health["redis_url"] and "***" in health["redis_url"]
+            server.stop()
+            for path in ("/healthz", "/bank/stats", "/bank/images"):
+                r = c.get(path)
+                assert r.status_code == 503 and r.json()["error"] == "redis_unavailable", path
+                assert "pw-x9" not in r.text
+            server.start()  # same folder and port: the AOF brings the bank back
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/bank/stats").json()["images"] == 2
+            assert len(c.get("/bank/images").json()["items"]) == 2
+        bank.client.close()
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_monitor_refuses_public_bind_without_token(monkeypatch, capsys):
+    from qualiteacher import cli
+
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.delenv("QUALITEACHER_MONITOR_TOKEN", raising=False)
+    url = "redis://:hunter2@127.0.0.1:1/0"
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"):
+        assert cli.main(["monitor", "--redis", url, "--host", host]) == 2
+        err = capsys.readouterr().err
+        assert "token" in err and "hunter2" not in err
+    assert calls == []
+
+    assert cli.main(["monitor", "--redis", url]) == 0  # loopback: no token needed
+    assert calls[-1][1]["host"] == "127.0.0.1" and calls[-1][1]["port"] == 8000
+    for host in ("localhost", "::1", "127.0.0.2"):
+        assert cli.main(["monitor", "--redis", url, "--host", host, "--port", "8123"]) == 0
+        assert calls[-1][1]["host"] == host and calls[-1][1]["port"] == 8123
+
+    monkeypatch.setenv("QUALITEACHER_MONITOR_TOKEN", "env-token-123")
+    assert cli.main(["monitor", "--redis", url, "--host", "0.0.0.0", "--prefix", "other"]) == 0
+    assert cli.main(["monitor", "--redis", url, "--host", "0.0.0.0", "--token", "flag-token-456"]) == 0
+    out = capsys.readouterr()
+    for secret in ("hunter2", "env-token-123", "flag-token-456"):
+        assert secret not in out.out + out.err
+    assert "***" in out.out + out.err
+
+    with TestClient(calls[-2][0]) as c:  # the env token guards the app
+        assert c.get("/healthz").status_code == 401
+        assert c.get("/healthz", headers={"Authorization": "Bearer env-token-123"}).status_code == 503
+    with TestClient(calls[-1][0]) as c:  # --token wins over the env
+        assert c.get("/healthz", headers={"Authorization": "Bearer env-token-123"}).status_code == 401
+
+
+# ---------------------------------------------------------------------------- browser
+def _chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver; installs Debian's packages when missing."""
+    chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chrome and driver:
+        return chrome, driver
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.skip("chromium/chromedriver are missing and cannot be installed here (no apt-get or not root)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:
+            pytest.skip(f"could not install chromium + chromium-driver with apt-get: {proc.stderr[-400:]}")
+    chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chrome and driver):
+        pytest.skip("apt-get installed chromium but chromium/chromedriver are not on PATH")
+    return chrome, driver
+
+
+class WebDriver:
+    """The few W3C WebDriver commands the test needs, over HTTP to chromedriver."""
+
+    def __init__(self, driver: str, chrome: str, profile: Path) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([driver, f"--port={self.port}"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.http.get("/status").json()["value"]["ready"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chromedriver did not start")
+            time.sleep(0.1)
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-quic", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
+                "--window-size=1440,1000", "--force-device-scale-factor=1"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome",
+                                                 "goog:chromeOptions": {"binary": chrome, "args": args}}}}
+        value = self._ok(self.http.post("/session", json=caps))
+        self.session = f"/session/{value['sessionId']}"
+
+    @staticmethod
+    def _ok(resp: httpx.Response):
+        body = resp.json()
+        if resp.status_code != 200:
+            raise RuntimeError(f"webdriver error: {body}")
+        return body["value"]
+
+    def get(self, url: str) -> None:
+        self._ok(self.http.post(f"{self.session}/url", json={"url": url}))
+
+    def js(self, script: str, *args):
+        return self._ok(self.http.post(f"{self.session}/execute/sync", json={"script": script, "args": list(args)}))
+
+    def wait(self, script: str, timeout: float = 20.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(script)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"page never met: {what}")
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        path.write_bytes(base64.b64decode(self._ok(self.http.get(f"{self.session}/screenshot"))))
+        return path
+
+    def close(self) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            self.http.delete(self.session)
+        self.http.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def served(filled, redis_url) -> Iterator[tuple[str, str]]:
+    """The app under uvicorn on loopback (with a token, to check the page passes it on)."""
+    import uvicorn
+
+    token = "browser-token"
+    port = free_port()
+    app = create_app(redis_url, prefix=filled[0].prefix, token=token)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    yield f"http://127.0.0.1:{port}", token
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_page_renders_in_chromium(served, filled, tmp_path):
+    chrome, driver_bin = _chromium()
+    base, token = served
+    bank, made = filled
+    wd = WebDriver(driver_bin, chrome, tmp_path / "profile")
+    try:
+        wd.get(f"{base}/?token={token}")
+        n = len(made)
+        wd.wait(f"return document.querySelectorAll('#grid .card').length === {n}", what=f"{n} thumbnails")
+        wd.wait("return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)",
+                what="every thumbnail loaded")
+        cards = wd.js("return [...document.querySelectorAll('#grid .card')].map(c => "
+                      "[c.dataset.imageId, c.querySelector('.score').textContent, c.querySelector('img').naturalWidth])")
+        expected = bank.list_images(0, 100)
+        assert [c[0] for c in cards] == [i for i, _, _ in expected]
+        assert [c[1] for c in cards] == [f"{s:.2f}" for _, s, _ in expected]
+        assert all(c[2] == 96 for c in cards)  # 96 px PLs (the 160 px thumbnail does not upscale)
+        assert wd.js("return document.getElementById('k-images').textContent") == str(n)
+        assert wd.js("return document.getElementById('k-version').textContent") == "v2"
+        assert wd.js("return document.querySelectorAll('#hist rect').length") == 10
+        assert wd.js("return document.querySelectorAll('#drops .drop-row').length") == 3
+        assert wd.js("return document.getElementById('status').className") == "status live"
+        wd.wait("return document.querySelectorAll('#spark-entries path').length === 2", timeout=15,
+                what="the history charts after a refresh")
+        shot = wd.screenshot(tmp_path / "monitor-grid.png")
+
+        wd.js("document.querySelector('#grid .card').click()")
+        wd.wait("return document.querySelectorAll('#d-strip .shot img').length === 4", what="input + top-3")
+        wd.wait("return [...document.querySelectorAll('#d-strip img')].every(i => i.complete && i.naturalWidth > 0)",
+                what="detail images loaded")
+        first = expected[0][0]
+        assert wd.js("return document.getElementById('d-title').textContent") == first
+        rows = wd.js("return [...document.querySelectorAll('#d-metrics tbody tr')].map(r => r.cells[0].firstChild.textContent)")
+        assert rows == [*METRICS, "ensemble (0-10)"]
+        badges = wd.js("return [...document.querySelectorAll('#d-strip .shot .score')].map(b => b.textContent)")
+        assert badges == [f"{e.ensemble:.2f}" for e in bank.entries(first)]
+        detail = wd.screenshot(tmp_path / "monitor-detail.png")
+        for path in (shot, detail):
+            with Image.open(path) as img:
+                assert img.size[0] >= 1000 and img.getextrema() != ((0, 0), (0, 0), (0, 0))
+        if os.environ.get("QT_MONITOR_SCREENSHOT_DIR"):  # keep copies for a person to look at
+            out = Path(os.environ["QT_MONITOR_SCREENSHOT_DIR"])
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, out / shot.name)
+            shutil.copy(detail, out / detail.name)
+    finally:
+        wd.close()
