@@ -1,0 +1,134 @@
+"""Stage 1: supervised pretraining on paired synthetic data; the result is the first teacher.
+
+L1 between ``model(x, score_cap)`` and the clean target on random crops. The condition is
+``score_cap`` because paired targets are clean, i.e. of the best quality the model is
+asked for at inference. Usage::
+
+    python -m pipelines.pretrain --config configs/quickstart.yaml \
+        --paired-input D/paired/input --paired-target D/paired/target --out runs/x/pretrain.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qualiteacher.checkpoint import save_model_file
+from qualiteacher.config import Config, ConfigError, load_config
+from qualiteacher.data.paired import PairedImages
+from qualiteacher.models.build import build_model
+
+# final_loss is the mean over this many last steps: one batch's loss is too noisy.
+_FINAL_WINDOW = 10
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _paired_dirs(cfg: Config, input_dir: Path | None, target_dir: Path | None) -> tuple[Path, Path]:
+    input_dir = input_dir or cfg.data.paired_input_dir
+    target_dir = target_dir or cfg.data.paired_target_dir
+    if input_dir is None or target_dir is None:
+        raise ValueError(
+            "pretraining needs paired data: pass the input and target folders "
+            "(--paired-input/--paired-target) or set data.paired_input_dir and data.paired_target_dir"
+        )
+    return Path(input_dir), Path(target_dir)
+
+
+def load_paired(cfg: Config, input_dir: Path | None, target_dir: Path | None,
+                log: Callable[[str], None] = print) -> PairedImages:
+    """The paired set, with every skipped file logged (errors name the file)."""
+    data = PairedImages(*_paired_dirs(cfg, input_dir, target_dir), max_pixels=cfg.data.max_image_pixels)
+    for path, reason in data.errors:
+        log(f"skipped {path}: {reason}")
+    return data
+
+
+def pretrain(
+    cfg: Config,
+    paired_input_dir: str | Path | None,
+    paired_target_dir: str | Path | None,
+    out_path: str | Path,
+    log: Callable[[str], None] = print,
+    data: PairedImages | None = None,
+) -> Path:
+    """Train ``build_model(cfg.model)`` for ``cfg.pretrain.steps`` L1 steps; write a model file.
+
+    ``data`` may be passed to reuse an already loaded set. Returns ``out_path``.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if data is None:
+        data = load_paired(cfg, _opt_path(paired_input_dir), _opt_path(paired_target_dir), log)
+    device = pick_device(cfg.train.use_gpu)
+    model = build_model(cfg.model).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
+    p = cfg.pretrain
+    log(f"pretrain: {len(data)} pairs, {p.steps} steps, batch {p.batch_size}, "
+        f"crop {cfg.data.crop_size}, lr {p.lr}, device {device}")
+    recent: deque[float] = deque(maxlen=_FINAL_WINDOW)
+    start, every = time.perf_counter(), max(1, p.steps // 10)
+    for step in range(1, p.steps + 1):
+        x, y = (t.to(device) for t in data.sample_batch(p.batch_size, cfg.data.crop_size, rng))
+        loss = F.l1_loss(model(x, cfg.model.score_cap), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain loss became {loss.item()} at step {step}; lower pretrain.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent.append(loss.item())
+        if step % every == 0 or step == p.steps:
+            log(f"pretrain step {step}/{p.steps} l1 {recent[-1]:.4f} ({time.perf_counter() - start:.1f}s)")
+    extra: dict[str, int | float | str] = {"stage": "pretrain", "steps": p.steps, "seed": cfg.seed,
+                                           "task": cfg.data.task}
+    if recent:
+        extra["final_loss"] = float(np.mean(recent))
+    out = save_model_file(out_path, model.cpu(), cfg.model, extra=extra)
+    log(f"pretrain: wrote {out} in {time.perf_counter() - start:.1f}s")
+    return out
+
+
+def _opt_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 done but some files were skipped; 2 bad usage, config or data."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set pretrain.steps=300 (repeatable)")
+    parser.add_argument("--paired-input", type=Path, help="degraded inputs (default: data.paired_input_dir)")
+    parser.add_argument("--paired-target", type=Path, help="clean targets, same file names")
+    parser.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        data = load_paired(cfg, args.paired_input, args.paired_target, log=_stderr)
+    except (ConfigError, ValueError, OSError) as exc:
+        _stderr(f"error: {exc}")
+        return 2
+    try:
+        pretrain(cfg, None, None, args.out, log=print, data=data)
+    except (FloatingPointError, OSError) as exc:
+        _stderr(f"error: {exc}")
+        return 2
+    return 1 if data.errors else 0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
