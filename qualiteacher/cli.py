@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command in ("train", "pretrain", "demo") and not args.verbose:
+        logging.getLogger("qualiteacher").setLevel(logging.INFO)  # job progress
     try:
         return args.func(args)
     except (ConfigError, UsageError, FileNotFoundError, NotADirectoryError) as exc:

@@ -128,10 +128,13 @@ class Labeller:
         return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus if self.gpus > 0 else 0}
 
     def _start_teacher(self, index: int):
+        """A restartable teacher; weights come by set_weights, so a restarted one (which
+        holds none) is re-seeded by the loop before it labels again."""
         opts = self._resources(self.lab.teacher_resources)
         actor = ray.remote(TeacherWorker).options(
             name=teacher_name(index), namespace=self.cfg.ray.namespace, max_restarts=-1, max_task_retries=0, **opts,
-        ).remote(self.cfg_dict["model"], self.weights_ref, self.version, opts["num_gpus"] > 0)
+        ).remote(self.cfg_dict["model"], None, -1, opts["num_gpus"] > 0)
+        actor.set_weights.remote(self.weights_ref, self.version)
         return actor
 
     def _reconcile_scorers(self) -> None:

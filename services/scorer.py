@@ -56,14 +56,14 @@ class ScorerWorker:
         """Score PL sets (N, K, H, W, 3) uint8 made by teacher `version`, gate the survivors."""
         report = ScoreReport(images=len(image_ids))
         n, k = pls.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(pls)).reshape(n * k, *pls.shape[2:])
+        x = torch.from_numpy(np.array(pls, dtype=np.uint8)).reshape(n * k, *pls.shape[2:])
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         scores = self.ensemble.score(x)
         names = self.ensemble.names
         normalized = torch.stack([scores.normalized[m] for m in names], dim=-1).reshape(n, k, len(names))
         drop_cfg = self.cfg.drop
         decision = dual_drop(normalized, drop_cfg.tau_multi, drop_cfg.tau_aug, enabled=drop_cfg.enabled)
-        keep = decision.keep & torch.from_numpy(np.asarray(finite, dtype=bool))
+        keep = decision.keep & torch.tensor(np.asarray(finite, dtype=bool))
         reasons = ["non_finite" if not f else r for r, f in zip(decision.reasons, finite)]
         kept_idx = [i for i in range(n) if keep[i]]
         q_min = self._teacher_q_min(scores.raw, n, k)

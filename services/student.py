@@ -101,8 +101,8 @@ class BankBatches:
         }
 
     def _aligned_crop(self, image: np.ndarray, pl: np.ndarray, grid: np.ndarray):
-        x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
-        y = torch.from_numpy(pl).permute(2, 0, 1).float() / 255.0
+        x = torch.tensor(image).permute(2, 0, 1).float() / 255.0
+        y = torch.tensor(pl).permute(2, 0, 1).float() / 255.0
         h, w = x.shape[-2:]
         wmap = torch.ones(1, h, w) if grid.size == 0 else F.interpolate(
             torch.from_numpy(grid)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]

@@ -50,8 +50,11 @@ class TeacherWorker:
         """images (N, H, W, 3) uint8 -> (PLs (N, K, H, W, 3) uint8, finite mask (N,), version).
 
         A PL set with NaN or Inf anywhere is flagged (mask False) and must never reach the bank.
+        A teacher without weights (e.g. just restarted) refuses, so the loop re-seeds it.
         """
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        if self.version < 0:
+            raise RuntimeError("teacher has no weights yet; call set_weights first")
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device)  # writable copy
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         pls = multi_aug_pseudo_labels(lambda b: self.model(b), x, AUGMENTATIONS)
         finite = torch.isfinite(pls).flatten(1).all(dim=1)
