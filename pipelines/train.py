@@ -110,7 +110,7 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
 
 
 def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_state: dict, version: int):
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from services.student import train_loop_per_worker
@@ -128,7 +128,8 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
             "init_state": [ray.put(init_state)], "init_version": version,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str((run_dir / "ray_train").resolve())),
+        run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str((run_dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     return trainer.fit()
 

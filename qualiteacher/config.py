@@ -185,6 +185,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(20, ge=1)
     # The student waits (at most this long) for the first bank entries before training on them.
     bank_wait_s: float = Field(120.0, ge=0)
+    # Worker failures Ray Train recovers from (restarting from the latest checkpoint).
+    max_failures: int = Field(3, ge=0)
 
 
 class PretrainConfig(Strict):

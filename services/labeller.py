@@ -20,7 +20,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +79,7 @@ class LabellerStats:
     evicted: int = 0
     stale: int = 0
     retries: int = 0
+    failed: int = 0
     dropped: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
@@ -101,6 +102,8 @@ def _batches(ids: list[str], images: list[np.ndarray], size: int) -> list[_Batch
 
 
 class Labeller:
+    MAX_ATTEMPTS = 6  # per scoring batch (with backoff, about a minute of Redis outage)
+
     def __init__(self, cfg: dict, redis_url: str, ids: list[str], images: list[np.ndarray],
                  teacher_state: list, teacher_version: int, num_gpus_available: float = 0.0):
         self.cfg = Config.model_validate(cfg)
@@ -113,6 +116,7 @@ class Labeller:
         self.gpus = num_gpus_available
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.relabel: deque[_Batch] = deque()  # batches whose teacher failed
         self.stats_ = LabellerStats()
         # `teacher_state` is [ref]: wrapped in a list so Ray passes the reference, not the value.
         self.weights_ref, self.version = teacher_state[0], int(teacher_version)
@@ -207,8 +211,8 @@ class Labeller:
                 self._reconcile_scorers()
             waiting = self._dispatch_scores(waiting, scores)
             capacity = self._score_capacity() - len(waiting)
-            while not exhausted and capacity > 0 and len(labels) < 2 * len(self.teachers):
-                batch = next(work, None)
+            while (self.relabel or not exhausted) and capacity > 0 and len(labels) < 2 * len(self.teachers):
+                batch = self.relabel.popleft() if self.relabel else next(work, None)
                 if batch is None:
                     exhausted = True
                     break
@@ -217,7 +221,7 @@ class Labeller:
                 labels[version] = _LabelCall(teacher, batch, pls, finite)
                 busy_teachers[teacher] += 1
                 capacity -= 1
-            if exhausted and not labels and not scores and not waiting:
+            if exhausted and not labels and not scores and not waiting and not self.relabel:
                 break
             pending = list(labels) + list(scores)
             if not pending:
@@ -266,12 +270,15 @@ class Labeller:
         try:
             version = ray.get(version_ref)
         except (RayActorError, RayTaskError) as exc:
-            log.warning("teacher %d failed (%s); re-seeding it and retrying the batch", call.teacher, exc)
+            # A teacher that died comes back (max_restarts) without weights: re-seed it with
+            # the newest version, then label the batch again.
+            log.warning("teacher %d failed (%s); re-seeding it and re-queueing the batch",
+                        call.teacher, str(exc).splitlines()[0][:200])
             self._reseed_teacher(call.teacher)
             with self.lock:
                 self.stats_.retries += 1
-            pls, finite, v = self.teachers[call.teacher].label.options(num_returns=3).remote(call.batch.images)
-            return [_ScoreCall(None, call.batch, pls, finite, ray.get(v))]  # type: ignore[arg-type]
+            self.relabel.append(call.batch)
+            return []
         with self.lock:
             self.stats_.labelled += len(call.batch.ids)
             newest = self.version
@@ -285,7 +292,21 @@ class Labeller:
     def _reseed_teacher(self, index: int) -> None:
         with self.lock:
             ref, version = self.weights_ref, self.version
-        ray.get(self.teachers[index].set_weights.remote(ref, version))
+        try:
+            ray.get(self.teachers[index].set_weights.remote(ref, version), timeout=120)
+        except Exception as exc:  # still restarting: its next label call fails and re-seeds again
+            log.warning("could not re-seed teacher %d yet: %s", index, type(exc).__name__)
+
+    def _retry(self, call: _ScoreCall) -> _ScoreCall | None:
+        with self.lock:
+            self.stats_.retries += 1
+        call.attempts += 1
+        if call.attempts > self.MAX_ATTEMPTS:
+            log.error("giving up on a batch of %s after %d attempts", call.batch.ids, call.attempts - 1)
+            with self.lock:
+                self.stats_.failed += len(call.batch.ids)
+            return None
+        return call
 
     def _score_done(self, ref, call: _ScoreCall) -> _ScoreCall | None:
         call.scorer.in_flight -= 1
@@ -297,9 +318,12 @@ class Labeller:
             log.warning("scorer %d died (%s); replacing it and retrying its batch", call.scorer.index, exc)
             with self.lock:
                 self._replace_scorer(call.scorer)
-                self.stats_.retries += 1
-            call.attempts += 1
-            return call if call.attempts <= 3 else None
+            return self._retry(call)
+        except RayTaskError as exc:
+            # E.g. Redis unreachable for longer than the client's retries: wait, then retry.
+            log.warning("scoring failed (%s); retrying the batch", str(exc).splitlines()[-1][:200])
+            time.sleep(min(2.0 ** call.attempts, 30.0))
+            return self._retry(call)
         with self.lock:
             self.stats_.scored += report["images"]
             self.stats_.admitted += report["admitted"]

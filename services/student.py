@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import redis
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -57,6 +58,11 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
         offset += n
 
 
+def gradients_finite(model: torch.nn.Module) -> bool:
+    """False if any gradient holds NaN or Inf: such an update never reaches the weights."""
+    return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 class BankBatches:
     """Samples bank entries and assembles aligned (input, PL, weight map, level, q_min) crops."""
 
@@ -70,8 +76,11 @@ class BankBatches:
 
     def report_progress(self, step: int, total: int, loss: float) -> None:
         """Rank 0's step and loss, for the driver's progress line and the monitor."""
-        self.bank.client.hset(self.bank.keys.meta, mapping={
-            "student_step": step, "student_steps": total, "student_loss": f"{loss:.5f}"})
+        try:
+            self.bank.client.hset(self.bank.keys.meta, mapping={
+                "student_step": step, "student_steps": total, "student_loss": f"{loss:.5f}"})
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # progress is informational; training goes on
 
     def wait_for_entries(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -82,8 +91,14 @@ class BankBatches:
         return True
 
     def sample(self, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
-        entries = self.bank.sample(n, self.rng)
-        inputs = self.inputs.get_many({e.image_id for e in entries})
+        """A bank batch, or None when the bank is empty or Redis is unreachable (the step
+        then trains on paired data only; the client already retried with backoff)."""
+        try:
+            entries = self.bank.sample(n, self.rng)
+            inputs = self.inputs.get_many({e.image_id for e in entries})
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("bank unreachable (%s); this step uses paired data only", type(exc).__name__)
+            return None
         rows = [(e, inputs[e.image_id]) for e in entries if e.image_id in inputs]
         if not rows:
             return None
@@ -160,14 +175,19 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     perceptual = _perceptual_fn(cfg, device)
     labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
     push = None
+    skipped = 0
 
     while step < cfg.train.steps:
         losses = _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection, perceptual)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         average_gradients(model, world)
-        opt.step()
-        ema.update(model)
+        if gradients_finite(model):  # identical on every rank after the all-reduce
+            opt.step()
+            ema.update(model)
+        else:
+            skipped += 1
+            log.warning("rank %d: non-finite gradients at step %d; update skipped", rank, step)
         step += 1
         if step % cfg.train.push_every == 0:
             version += 1
@@ -177,7 +197,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 ref = ray.put(ema.cpu_state_dict())
                 push = labeller.push_weights.remote([ref], version)
         metrics = {k: float(v.detach()) for k, v in losses.items()}
-        metrics.update(step=step, teacher_version=version)
+        metrics.update(step=step, teacher_version=version, skipped_updates=skipped)
         if rank == 0:
             bank.report_progress(step, cfg.train.steps, metrics["total"])
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:

@@ -1,0 +1,70 @@
+"""Faults injected into a real local labelling run: actors die, the run completes, nothing is lost."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from qualiteacher.config import load_config
+from qualiteacher.models.build import build_model
+from services.bank.store import MemoryBank
+from services.labeller import Labeller
+from services.names import scorer_name, teacher_name
+from services.redis_server import redis_client
+
+
+def _start(namespace: str, prefix: str, redis_url: str, scorers: int, n_images: int = 8):
+    cfg = load_config("configs/smoke.yaml", [f"ray.namespace={namespace}", f"redis.prefix={prefix}",
+                                              "drop.enabled=false", "labelling.teachers=1",
+                                              f"labelling.scorers={scorers}", "labelling.batch_size=2"])
+    model = build_model(cfg.model)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for _ in range(n_images)]
+    labeller = ray.remote(Labeller).options(num_cpus=0, max_concurrency=8, namespace=namespace,
+                                           name="labeller").remote(
+        cfg.model_dump(mode="json"), redis_url, [f"f{i}" for i in range(n_images)], images,
+        [ray.put(model.state_dict())], 0, 0.0)
+    return cfg, model, labeller
+
+
+def _wait_until(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.1)
+
+
+def test_scorer_killed_mid_run(ray_cluster, weights_dir, redis_url):
+    _, _, labeller = _start("fault-scorer", "fscorer", redis_url, scorers=2)
+    done = labeller.run.remote(max_rounds=4)
+    _wait_until(lambda: ray.get(labeller.stats.remote())["scored"] >= 2)
+    ray.kill(ray.get_actor(scorer_name(0), namespace="fault-scorer"), no_restart=True)
+    stats = ray.get(done, timeout=180)
+    assert stats["scorers"] == 2  # the pool was restored to its size
+    assert stats["labelled"] == 32 and stats["scored"] == 32 and stats["failed"] == 0
+    bank = MemoryBank(redis_client(redis_url), "fscorer", 3)
+    assert bank.num_images() == 8 and bank.check_invariants() == []
+    ray.kill(labeller)
+
+
+def test_teacher_killed_comes_back_with_latest_weights(ray_cluster, weights_dir, redis_url):
+    _, model, labeller = _start("fault-teacher", "fteacher", redis_url, scorers=1)
+    state = {k: v + 0.0 for k, v in model.state_dict().items()}
+    assert ray.get(labeller.push_weights.remote([ray.put(state)], 5)) == 5
+    done = labeller.run.remote(max_rounds=4)
+    _wait_until(lambda: ray.get(labeller.stats.remote())["scored"] >= 2)
+    teacher = ray.get_actor(teacher_name(0), namespace="fault-teacher")
+    ray.kill(teacher, no_restart=False)  # Ray restarts it, without weights
+    stats = ray.get(done, timeout=180)
+    assert stats["retries"] >= 1
+    assert ray.get(labeller.teacher_versions.remote()) == [5]
+    assert stats["labelled"] == 32 and stats["scored"] == 32
+    bank = MemoryBank(redis_client(redis_url), "fteacher", 3)
+    # Every label that reached the bank came from the newest weights, none from an empty teacher.
+    assert {e.teacher_version for i in range(8) for e in bank.entries(f"f{i}")} == {5}
+    assert bank.check_invariants() == []
+    ray.kill(labeller)
