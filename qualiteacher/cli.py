@@ -46,6 +46,14 @@ def _expand_inputs(items: list[str]) -> list[Path]:
     return paths
 
 
+def _with_metrics(args: argparse.Namespace) -> argparse.Namespace:
+    """--metrics a,b,c becomes an equal-weight iqa.metrics override."""
+    if getattr(args, "metrics", None):
+        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        args.overrides = [*args.overrides, "iqa.metrics={" + ", ".join(f"{n}: 1.0" for n in names) + "}"]
+    return args
+
+
 # ---- weights ----
 def cmd_weights_prepare(args) -> int:
     from qualiteacher.iqa.weights import prepare
@@ -78,12 +86,7 @@ def cmd_score(args) -> int:
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.scoring import format_table, score_files
 
-    overrides = list(args.overrides)
-    if args.metrics:
-        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        overrides.append("iqa.metrics={" + ", ".join(f"{n}: 1.0" for n in names) + "}")
-    args.overrides = overrides
-    cfg = _config(args)
+    cfg = _config(_with_metrics(args))
     ensemble = IQAEnsemble.from_config(cfg)
     results = score_files(_expand_inputs(args.files), ensemble, max_pixels=cfg.data.max_image_pixels)
     if args.json:
@@ -94,6 +97,27 @@ def cmd_score(args) -> int:
     for r in failed:
         print(f"error: {r['error']}", file=sys.stderr)
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# ---- evaluate ----
+def cmd_evaluate(args) -> int:
+    from qualiteacher.evaluation import evaluate_folder
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+
+    cfg = _config(_with_metrics(args))
+    result = evaluate_folder(Path(args.pred), IQAEnsemble.from_config(cfg), Path(args.gt) if args.gt else None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        mean = result["mean"]
+        print(f"{mean.get('count', 0)} images: ensemble {mean.get('ensemble', float('nan')):.3f}"
+              + "".join(f", {k} {mean[k]:.4f}" for k in ("psnr", "ssim") if k in mean))
+        for metric, value in mean.get("raw", {}).items():
+            print(f"  {metric:<9} raw {value:9.3f}  normalised {mean['normalized'][metric]:.3f}")
+    for row in result["per_image"]:
+        if "error" in row:
+            print(f"error: {row['error']}", file=sys.stderr)
+    return EXIT_PARTIAL if result["failed"] else EXIT_OK
 
 
 # ---- degrade ----
@@ -215,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print one JSON document")
     score.add_argument("files", nargs="+", help="image files or folders")
     score.set_defaults(func=cmd_score)
+
+    evaluate = sub.add_parser("evaluate", help="NR metrics of a folder, PSNR/SSIM against ground truth")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--pred", required=True, help="folder of restored images")
+    evaluate.add_argument("--gt", help="folder of ground-truth images with the same file names")
+    evaluate.add_argument("--metrics", help="comma-separated metrics, equal weights (default: from config)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON document (per_image, mean)")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     degrade = sub.add_parser("degrade", help="write synthetically degraded copies of a folder")
     degrade.add_argument("--task", required=True, help="snow, rain, haze, lowlight or underwater")

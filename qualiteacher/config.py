@@ -160,6 +160,9 @@ class RedisConfig(Strict):
 
 
 class LabellingConfig(Strict):
+    # Multi-aug PLs: one per augmentation, each mapped back by its exact inverse.
+    augmentations: list[Literal["identity", "hflip", "vflip", "rot90"]] = Field(
+        default_factory=lambda: ["hflip", "vflip", "rot90"], min_length=1)
     teachers: int = Field(1, ge=1, le=64)
     teacher_resources: Resources = Field(default_factory=Resources)
     scorers: int = Field(1, ge=0, le=256)
@@ -173,6 +176,7 @@ class LabellingConfig(Strict):
 
 
 class TrainConfig(Strict):
+    # baseline: Colabator-style pseudo-labelling (see Config._baseline_mode).
     mode: Literal["qualiteacher", "baseline"] = "qualiteacher"
     steps: int = Field(60, ge=1)
     num_workers: int = Field(1, ge=1, le=1024)
@@ -211,6 +215,21 @@ class Config(Strict):
     labelling: LabellingConfig = Field(default_factory=LabellingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _baseline_mode(self) -> "Config":
+        """The Colabator-style baseline: one teacher pass, no score condition, one bank entry
+        per image replaced only when better, no dual drop, no preference or consistency loss.
+        Setting the mode is enough; these fields are forced so a baseline run can never mix
+        in parts of the method by accident."""
+        if self.train.mode == "baseline":
+            self.labelling.augmentations = ["identity"]
+            self.model.score_condition = False
+            self.gating.top_k = 1
+            self.drop.enabled = False
+            self.loss.preference.enabled = False
+            self.loss.consistency.enabled = False
+        return self
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

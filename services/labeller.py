@@ -137,7 +137,8 @@ class Labeller:
         opts = self._resources(self.lab.teacher_resources)
         actor = ray.remote(TeacherWorker).options(
             name=teacher_name(index), namespace=self.cfg.ray.namespace, max_restarts=-1, max_task_retries=0, **opts,
-        ).remote(self.cfg_dict["model"], None, -1, opts["num_gpus"] > 0)
+        ).remote(self.cfg.model.model_dump(mode="json"), None, -1, opts["num_gpus"] > 0,
+                 tuple(self.lab.augmentations))
         actor.set_weights.remote(self.weights_ref, self.version)
         return actor
 

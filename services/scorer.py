@@ -16,7 +16,6 @@ import torch
 
 from qualiteacher.config import Config
 from qualiteacher.iqa.ensemble import IQAEnsemble
-from qualiteacher.method.augment import AUGMENTATIONS
 from qualiteacher.method.drop import dual_drop
 from services.bank.store import MemoryBank, build_entry
 from services.redis_server import redis_client
@@ -84,7 +83,7 @@ class ScorerWorker:
                     weights=blocks[(i, j)],
                     teacher_q_min=q_min[i],
                 )
-                for j, aug in enumerate(AUGMENTATIONS[:k])
+                for j, aug in enumerate(self.cfg.labelling.augmentations)
             ]
             outcome = self.bank.gate(image_ids[i], entries)
             report.admitted += len(outcome.admitted)

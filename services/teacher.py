@@ -26,7 +26,8 @@ def pick_device(want_gpu: bool) -> torch.device:
 
 class TeacherWorker:
     def __init__(self, model_cfg: dict, state: dict[str, torch.Tensor] | None, version: int,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, augmentations: tuple[str, ...] = AUGMENTATIONS):
+        self.augmentations = tuple(augmentations)
         self.device = pick_device(use_gpu)
         self.model = build_model(ModelConfig.model_validate(model_cfg)).to(self.device).eval()
         self.model.requires_grad_(False)
@@ -56,7 +57,7 @@ class TeacherWorker:
             raise RuntimeError("teacher has no weights yet; call set_weights first")
         x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device)  # writable copy
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        pls = multi_aug_pseudo_labels(lambda b: self.model(b), x, AUGMENTATIONS)
+        pls = multi_aug_pseudo_labels(lambda b: self.model(b), x, self.augmentations)
         finite = torch.isfinite(pls).flatten(1).all(dim=1)
         out = pls.nan_to_num(0.0).clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
         return out.permute(0, 1, 3, 4, 2).cpu().numpy(), finite.cpu().numpy(), self.version

@@ -1,0 +1,44 @@
+"""`qualiteacher evaluate` and the Colabator-style baseline mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from qualiteacher.config import load_config
+from qualiteacher.imageio import write_png
+
+
+def test_evaluate_reports_psnr_ssim_and_bad_files(weights_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    ramp = np.linspace(0, 255, 128)[None, :, None] * np.ones((128, 1, 3))
+    for name, noise in (("a.png", 0.0), ("b.png", 20.0)):
+        clean = (ramp + rng.normal(0, 5, ramp.shape)).clip(0, 255).astype(np.uint8)
+        write_png(gt / name, clean)
+        write_png(pred / name, (clean + rng.normal(0, noise, clean.shape)).clip(0, 255).astype(np.uint8)
+                  if noise else clean)
+    (pred / "broken.png").write_text("nope")
+    out = subprocess.run([sys.executable, "-m", "qualiteacher.cli", "evaluate", "--pred", str(pred),
+                          "--gt", str(gt), "--metrics", "brisque,piqe", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "broken.png" in out.stderr and "Traceback" not in out.stderr
+    result = json.loads(out.stdout)
+    rows = {r["file"].rsplit("/", 1)[-1]: r for r in result["per_image"]}
+    assert rows["a.png"]["psnr"] == 100.0 and abs(rows["a.png"]["ssim"] - 1.0) < 1e-9
+    assert 20 < rows["b.png"]["psnr"] < 30 and rows["b.png"]["ssim"] < 0.9
+    assert result["mean"]["count"] == 2
+    assert abs(result["mean"]["psnr"] - (100.0 + rows["b.png"]["psnr"]) / 2) < 1e-6
+    assert set(result["mean"]["raw"]) == {"brisque", "piqe"}
+
+
+def test_baseline_mode_forces_colabator_settings():
+    cfg = load_config("configs/quickstart.yaml", ["train.mode=baseline"])
+    assert cfg.labelling.augmentations == ["identity"]
+    assert cfg.gating.top_k == 1 and not cfg.model.score_condition and not cfg.drop.enabled
+    assert not cfg.loss.preference.enabled and not cfg.loss.consistency.enabled
+    full = load_config("configs/quickstart.yaml")
+    assert full.labelling.augmentations == ["hflip", "vflip", "rot90"] and full.gating.top_k == 3
