@@ -81,8 +81,8 @@ def fill_bank(bank: MemoryBank, n_images: int = 8, seed: int = 0) -> dict[str, d
                 ))
             bank.gate(image_id, entries)
         made[image_id] = {"input": degraded, "pls": pls}
-    bank.record_drop("multi", 3)
-    bank.record_drop("aug", 2)
+    bank.record_drop("metric_disagreement", 3)
+    bank.record_drop("augmentation_instability", 2)
     bank.record_drop("stale", 1)
     bank.set_teacher_version(2)
     bank.set_scorer_count(2)
@@ -129,7 +129,7 @@ def test_stats_match_the_bank(api, filled):
     assert s["images"] == len(made) == ref["images"]
     assert s["entries"] == 3 * len(made) == ref["entries"]
     assert s["histogram"] == ref["histogram"] and sum(s["histogram"]["counts"]) == s["entries"]
-    assert s["drops"] == {"aug": 2, "multi": 3, "stale": 1} and s["dropped_total"] == 6
+    assert s["drops"] == {"augmentation_instability": 2, "metric_disagreement": 3, "stale": 1} and s["dropped_total"] == 6
     assert s["counters"] == ref["counters"]
     gated = ref["counters"]["gate_calls"]
     assert s["drop_rate"] == pytest.approx(6 / (6 + gated))
@@ -309,7 +309,7 @@ def test_metrics(api, filled):
     assert one["qualiteacher_teacher_version"] == 2 and one["qualiteacher_scorers"] == 2
     assert one["qualiteacher_gate_admitted_total"] == bank.stats()["counters"]["admitted"]
     drops = {labels["reason"]: v for labels, v in fam["qualiteacher_dropped_total"]}
-    assert drops == {"aug": 2, "multi": 3, "stale": 1}
+    assert drops == {"augmentation_instability": 2, "metric_disagreement": 3, "stale": 1}
     bins = fam["qualiteacher_bank_entries_by_score"]
     assert len(bins) == 10 and sum(v for _, v in bins) == 3 * len(made)
     assert all(labels["prefix"] == bank.prefix for samples in fam.values() for labels, _ in samples)
@@ -461,6 +461,25 @@ def test_cli_monitor_refuses_public_bind_without_token(monkeypatch, capsys):
         assert c.get("/healthz", headers={"Authorization": "Bearer env-token-123"}).status_code == 503
     with TestClient(calls[-1][0]) as c:  # --token wins over the env
         assert c.get("/healthz", headers={"Authorization": "Bearer env-token-123"}).status_code == 401
+
+
+def test_access_log_masks_tokens(monkeypatch):
+    import logging
+
+    from qualiteacher import cli
+    from services.monitor.app import _RedactTokens, is_loopback
+
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
+    assert cli.main(["monitor", "--redis", "redis://127.0.0.1:1/0", "--token", "zz"]) == 0
+    assert cli.main(["monitor", "--redis", "redis://127.0.0.1:1/0", "--token", "zz"]) == 0
+    filters = [f for f in logging.getLogger("uvicorn.access").filters if isinstance(f, _RedactTokens)]
+    assert len(filters) == 1
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/static/app.js?token=s3cret&x=1", "1.1", 200), None)
+    assert filters[0].filter(record)
+    assert "s3cret" not in record.getMessage() and "token=***&x=1" in record.getMessage()
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "[::1]", "localhost", "0.0.0.0", "::", "10.0.0.1",
+                                     "example.org")] == [True, True, True, True, False, False, False, False]
 
 
 # ---------------------------------------------------------------------------- browser

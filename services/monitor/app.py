@@ -496,7 +496,9 @@ def serve(redis_url: str, host: str = "127.0.0.1", port: int = 8000, token: str 
             f"refusing to serve the monitor on {host!r} without a token: anyone who can reach it could read "
             f"the bank. Pass --token or set ${TOKEN_ENV}, or bind to 127.0.0.1")
     app = create_app(redis_url, prefix=prefix, token=token)
-    logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactTokens) for f in access.filters):
+        access.addFilter(_RedactTokens())
     shown = f"[{host}]" if ":" in host else host
     log(f"monitor: http://{shown}:{port}/ (bank {prefix!r} in {redact_url(redis_url)}"
         f"{'; token required: open /?token=<token>' if token else ''})")

@@ -34,7 +34,7 @@ class BankStats(BaseModel):
     top_k: int | None = Field(description="entries kept per image (from the bank's meta; null before the first gate)")
     counters: dict[str, int] = Field(description="gate counters since the bank was created: gate_calls, candidates, "
                                                  "admitted, rejected, evicted, duplicates")
-    drops: dict[str, int] = Field(description="image sets dropped before gating, by reason (multi, aug, stale, ...)")
+    drops: dict[str, int] = Field(description="image sets dropped before gating, by reason (metric_disagreement, augmentation_instability, non_finite, stale)")
     dropped_total: int
     drop_rate: float | None = Field(description="dropped sets / (dropped sets + gated sets); null before any")
     gating_rate: float | None = Field(description="admitted / candidates offered to the gate; null before any")

@@ -231,7 +231,7 @@
       root.replaceChildren(el("div", { class: "none", text: "nothing dropped yet" }));
       return;
     }
-    const labels = { multi: "metric disagree", aug: "aug. disagree", stale: "stale teacher", non_finite: "non-finite" };
+    const labels = { metric_disagreement: "metrics disagree", augmentation_instability: "aug. unstable", stale: "stale teacher", non_finite: "non-finite" };
     root.replaceChildren(...reasons.map(([reason, n]) => {
       const fill = el("span");
       fill.style.width = (100 * n / Math.max(1, total)).toFixed(1) + "%";
