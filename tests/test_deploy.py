@@ -1,0 +1,424 @@
+"""Deployment files, and the training job submitted to a real local Ray head.
+
+* ``docker-compose.yml``: structure always; ``docker compose config`` where the docker client
+  has the compose plugin (no engine is needed for that).
+* ``deploy/rayjob.yaml``: every document parsed; the RayJob's required fields, its entrypoint
+  (its config and ``--set`` overrides load), worker groups, volumes, Redis with a PVC.
+* ``deploy/runtime_env.yaml``: accepted by Ray's ``RuntimeEnv``.
+* ``deploy/Dockerfile``: build arguments, the files it copies, and its entrypoint script (run
+  with ``sh`` here).
+* ``ray start --head`` on loopback (own temp dir and ports, token auth) + ``ray job submit
+  --working-dir .`` of ``pipelines.train`` with the smoke config; then the monitor reads the bank
+  that run left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+RAYJOB = REPO / "deploy" / "rayjob.yaml"
+RUNTIME_ENV = REPO / "deploy" / "runtime_env.yaml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def _dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.MULTILINE))
+
+
+# ---------------------------------------------------------------------------- compose
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())  # resolves the `<<: *qualiteacher` merges
+
+
+def test_compose_services_and_volumes():
+    doc = _compose()
+    services = doc["services"]
+    assert {"redis", "ray-head", "ray-worker", "monitor", "submit"} <= set(services)
+
+    redis = services["redis"]
+    cmd = redis["command"]
+    assert cmd[0] == "redis-server" and cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert any(v.startswith("redis-data:") for v in redis["volumes"]) and "redis-data" in doc["volumes"]
+
+    head = services["ray-head"]
+    assert head["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert head["shm_size"] and head["command"][:3] == ["ray", "start", "--head"]
+    assert "--block" in head["command"]
+
+    worker = services["ray-worker"]
+    # `--scale ray-worker=N` needs no fixed container name and no fixed host port.
+    assert "container_name" not in worker and "ports" not in worker
+    assert "--address=ray-head:6379" in worker["command"] and worker["shm_size"]
+
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if not source.startswith((".", "/", "$")):
+                assert source in doc["volumes"], f"{name}: volume {source} not declared"
+
+    monitor = services["monitor"]
+    assert monitor["command"][:2] == ["qualiteacher", "monitor"]
+    assert "QUALITEACHER_MONITOR_TOKEN" in monitor["environment"]
+    assert "--host" in monitor["command"] and monitor["command"][monitor["command"].index("--host") + 1] == "0.0.0.0"
+
+    submit = services["submit"]
+    cmd = submit["command"]
+    assert cmd[:5] == ["ray", "job", "submit", "--address", "http://ray-head:8265"]
+    assert cmd[cmd.index("--working-dir") + 1] == "."
+    after = cmd[cmd.index("--") + 1:]
+    assert after[:3] == ["python", "-m", "pipelines.train"] and "${QT_CONFIG:-configs/quickstart.yaml}" in after
+    assert submit["restart"] == "no" and submit["working_dir"] == "/src"
+    assert (REPO / "configs" / "quickstart.yaml").is_file()
+    # Every service that runs Ray code shares the runs volume (Ray Train's storage) and the weights.
+    for name in ("ray-head", "ray-worker"):
+        vols = services[name]["volumes"]
+        assert any(v.startswith("runs:/runs") for v in vols) and any(":/weights-src" in v for v in vols)
+        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def _docker_compose_available() -> str | None:
+    if shutil.which("docker") is None:
+        return "the docker client is not installed"
+    proc = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
+        return f"the docker client has no compose plugin ({first[0] if first else 'docker compose failed'})"
+    return None
+
+
+def test_docker_compose_config_validates(tmp_path):
+    reason = _docker_compose_available()
+    if reason:
+        pytest.skip(f"`docker compose config` not run: {reason}; the structure test above still ran")
+    env = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken")
+    for profiles in ([], ["--profile", "gpu", "--profile", "job"]):
+        proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), *profiles, "config", "--quiet"],
+                              capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", "job", "config", "--format", "json"],
+                          capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    assert services["submit"]["command"][-3:] == ["configs/quickstart.yaml", "--run-dir", "/runs/quickstart"]
+
+
+# ---------------------------------------------------------------------------- KubeRay
+def _manifests() -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
+    for d in docs:
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(d), d.get("kind")
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"])
+    return docs
+
+
+def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _check_pod(spec: dict, pvcs: set[str], where: str) -> None:
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        assert c["image"], where
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{where}/{c['name']}: mount {m['name']} has no volume"
+        for p in c.get("ports", []):
+            assert len(p["name"]) <= 15, f"{where}: port name {p['name']} too long"
+    for v in volumes.values():
+        if "persistentVolumeClaim" in v:
+            assert v["persistentVolumeClaim"]["claimName"] in pvcs, f"{where}: unknown PVC"
+
+
+def test_rayjob_manifest():
+    from qualiteacher.config import load_config
+
+    docs = _manifests()
+    pvcs = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert {"qualiteacher-weights", "qualiteacher-runs"} <= pvcs
+
+    job = _one(docs, "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    # The entrypoint: `python -m pipelines.train --config FILE [--set K=V ...]`, and they load.
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", "pipelines.train"]
+    config = argv[argv.index("--config") + 1]
+    assert (REPO / config).is_file()
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(REPO / config, overrides)
+    assert cfg.train.use_gpu and cfg.labelling.teacher_resources.num_gpus > 0
+    assert cfg.labelling.scorer_resources.num_gpus == 0  # scorers go to the CPU group
+    assert argv[argv.index("--run-dir") + 1].startswith("/runs/")
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["REDIS_URL"] == "redis://qualiteacher-redis:6379/0"
+    assert spec["shutdownAfterJobFinishes"] is True
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == _ray_version() == _dockerfile_args()["RAY_VERSION"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # KubeRay wants strings
+    head_pod = head["template"]["spec"]
+    _check_pod(head_pod, pvcs, "head")
+    ports = {p["containerPort"] for p in head_pod["containers"][0]["ports"]}
+    assert {6379, 8265, 10001} <= ports
+
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert {"gpu", "scorers"} <= set(groups)
+    for name, g in groups.items():
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], name
+        assert isinstance(g["rayStartParams"], dict)
+        pod = g["template"]["spec"]
+        _check_pod(pod, pvcs, name)
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert {"/weights", "/weights-src", "/runs", "/dev/shm"} <= mounts, name
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(gpu_limits["nvidia.com/gpu"]) >= 1
+    scorers = groups["scorers"]
+    assert scorers["maxReplicas"] > scorers["minReplicas"]  # the autoscaler has room
+    assert "nvidia.com/gpu" not in scorers["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+    svc = _one(docs, "Service", "qualiteacher-redis")
+    assert svc["spec"]["ports"][0]["port"] == 6379
+    sts = _one(docs, "StatefulSet", "qualiteacher-redis")
+    assert sts["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert sts["spec"]["template"]["metadata"]["labels"] == svc["spec"]["selector"]
+    redis = sts["spec"]["template"]["spec"]["containers"][0]
+    assert redis["args"][redis["args"].index("--appendonly") + 1] == "yes"
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert {m["name"] for m in redis["volumeMounts"]} == {claim["metadata"]["name"]}
+
+    monitor = _one(docs, "Deployment", "qualiteacher-monitor")
+    c = monitor["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["qualiteacher", "monitor"]
+    assert any(e["name"] == "QUALITEACHER_MONITOR_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in c["env"])
+
+
+# ---------------------------------------------------------------------------- runtime env
+def test_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    data = yaml.safe_load(RUNTIME_ENV.read_text())
+    assert data["working_dir"] == "."
+    assert {".git", ".venv", "runs", "weights"} <= set(data["excludes"])
+    assert all(isinstance(v, str) for v in data.get("env_vars", {}).values())
+    RuntimeEnv(**data)  # Ray's own validation of the fields
+
+
+# ---------------------------------------------------------------------------- Dockerfile
+def test_dockerfile():
+    text = DOCKERFILE.read_text()
+    args = _dockerfile_args()
+    assert args["TORCH_VARIANT"] == "cpu" and "${TORCH_VARIANT}" in args["TORCH_INDEX_URL"]
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.MULTILINE)
+    assert args["BASE_IMAGE"].startswith("python:3.11")
+    pins = dict(re.findall(r'"(torch|torchvision)==([^"]+)"', (REPO / "pyproject.toml").read_text()))
+    assert args["TORCH_VERSION"] == pins["torch"] and args["TORCHVISION_VERSION"] == pins["torchvision"]
+    for src in re.findall(r"^COPY (?:--\S+ )*(\S+) /app/", text, flags=re.MULTILINE):
+        assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    assert "USER ray" in text and "ENTRYPOINT" in text
+
+
+def test_dockerfile_entrypoint_links_weights(tmp_path):
+    text = DOCKERFILE.read_text()
+    script = re.search(r"<<'EOF' /usr/local/bin/qt-entrypoint\n(.*?)\nEOF\n", text, flags=re.DOTALL).group(1)
+    entry = tmp_path / "qt-entrypoint"
+    entry.write_text(script + "\n")
+    src, baked, weights = tmp_path / "src", tmp_path / "baked", tmp_path / "weights"
+    (src / "hub" / "clip").mkdir(parents=True)
+    (src / "hub" / "clip" / "RN50.pt").write_text("clip")
+    (src / "hub" / "pyiqa").mkdir(parents=True)
+    (src / "hub" / "pyiqa" / "brisque_svm_weights.pth").write_text("yours")
+    (baked / "hub" / "pyiqa").mkdir(parents=True)
+    (baked / "hub" / "pyiqa" / "brisque_svm_weights.pth").write_text("baked")
+    (baked / "hub" / "pyiqa" / "niqe_modelparameters.mat").write_text("niqe")
+    env = dict(os.environ, QUALITEACHER_WEIGHTS=str(weights), QUALITEACHER_WEIGHTS_SRC=str(src),
+               QUALITEACHER_BAKED_WEIGHTS=str(baked))
+    for _ in range(2):  # idempotent
+        proc = subprocess.run(["sh", str(entry), "sh", "-c", "echo ran"], env=env, capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr
+    assert (weights / "hub" / "clip" / "RN50.pt").read_text() == "clip"
+    assert (weights / "hub" / "pyiqa" / "brisque_svm_weights.pth").read_text() == "yours"  # yours win
+    assert (weights / "hub" / "pyiqa" / "niqe_modelparameters.mat").read_text() == "niqe"
+    assert (weights / "hub" / "clip" / "RN50.pt").is_symlink()
+    # A missing source folder is fine.
+    env["QUALITEACHER_WEIGHTS_SRC"] = str(tmp_path / "absent")
+    proc = subprocess.run(["sh", str(entry), "true"], env=env, check=False)
+    assert proc.returncode == 0
+
+
+# ---------------------------------------------------------------------------- ray job submit
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _kill_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop only this head: its `ray start --block` process, then any process whose command
+    line names its temp dir (and their children). Never `ray stop`, which would stop every Ray
+    on the machine."""
+    import psutil
+
+    def ours() -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid not in (os.getpid(), proc.pid) and temp_dir in " ".join(p.info["cmdline"] or []):
+                    found[p.pid] = p
+                    found.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.Error:
+                continue
+        return list(found.values())
+
+    proc.terminate()  # `ray start --block` stops its processes on SIGTERM, if they let it
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass  # after a job, gcs_server and raylet can take many seconds: the test is over, kill them
+    procs = ours()
+    for p in procs:
+        with _suppress():
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
+    if proc.poll() is None:
+        with _suppress():
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        import psutil
+
+        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError, psutil.Error))
+
+
+@pytest.fixture
+def ray_head(weights_dir) -> Iterator[tuple[str, dict]]:
+    """A Ray head on loopback with its own temp dir, ports and auth token."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "ray").exists():
+        pytest.fail(f"the `ray` command is not beside {sys.executable}")
+    try:
+        import aiohttp  # noqa: F401 - the dashboard's job server needs ray[default]
+    except ImportError:
+        pytest.skip("`ray job submit` needs the Ray dashboard: install ray[default]")
+    temp_dir = tempfile.mkdtemp(prefix="qtray-", dir="/tmp")  # short: Ray's socket paths are capped
+    gcs, dash, agent, client, metrics, rt_agent = _free_ports(6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "REDIS_URL"}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+               QUALITEACHER_WEIGHTS=str(weights_dir), PYTHONUNBUFFERED="1")
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp_dir,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited {proc.returncode}: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}")
+            try:
+                r = httpx.get(f"{address}/api/version", timeout=2,
+                              headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the Ray dashboard did not come up"
+            time.sleep(0.5)
+        yield address, env
+    finally:
+        _kill_cluster(proc, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# About 60 s on 2 cores (head start-up ~9 s, the smoke job ~45 s): in the default suite.
+def test_ray_job_submit_trains_and_the_monitor_reads_its_bank(ray_head, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from services.bank.store import MemoryBank
+    from services.monitor import create_app
+    from services.redis_server import EmbeddedRedis, redis_client
+
+    address, env = ray_head
+    run_dir = (tmp_path / "run").resolve()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--runtime-env", "deploy/runtime_env.yaml",
+         "--working-dir", ".", "--", "python", "-m", "pipelines.train", "--config", "configs/smoke.yaml",
+         "--run-dir", str(run_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=540, check=False,
+    )
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, f"job failed after {took:.0f} s:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "succeeded" in proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["teacher_version"] == 4
+    assert summary["bank_images"] > 0 and 0 < summary["max_entries_per_image"] <= 3
+    assert summary["checkpoint"] and Path(summary["checkpoint"]).is_dir()
+
+    # The monitor on the bank the job left (its embedded Redis's AOF in the run dir).
+    with EmbeddedRedis(run_dir / "redis") as server:
+        with TestClient(create_app(server.url)) as c:
+            stats = c.get("/bank/stats").json()
+            assert stats["images"] == summary["bank_images"] and stats["entries"] == summary["bank_entries"]
+            assert stats["teacher_version"] == 4 and stats["dropped_total"] == sum(summary["dropped"].values())
+            page = c.get("/bank/images", params={"limit": 200}).json()
+            assert page["total"] == summary["bank_images"] == len(page["items"])
+            first = page["items"][0]["image_id"]
+            detail = c.get(f"/bank/images/{first}").json()
+            assert detail["input_url"] and len(detail["entries"]) == page["items"][0]["entries"]
+            assert set(detail["entries"][0]["normalized_scores"]) == {"brisque", "niqe", "piqe"}
+            for url in (detail["entries"][0]["image_url"], detail["input_url"]):
+                r = c.get(url)
+                assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+            assert c.get("/metrics").status_code == 200
+        assert MemoryBank(redis_client(server.url), "qt").check_invariants() == []
