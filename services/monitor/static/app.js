@@ -200,11 +200,14 @@
     const max = Math.max(1, ...counts);
     const bw = (W - L - R) / counts.length;
     const nodes = [];
-    for (const f of [0.5, 1]) {
-      const y = T + (H - T - B) * (1 - f);
+    const total = counts.reduce((a, b) => a + b, 0);
+    const ticks = total === 0 ? [] : [...new Set([Math.round(max / 2), max])].filter((t) => t > 0);
+    for (const t of ticks) {
+      const y = T + (H - T - B) * (1 - t / max);
       nodes.push(svg("line", { x1: L, x2: W - R, y1: y, y2: y, class: "axis", "stroke-dasharray": "2 3" }));
-      nodes.push(svg("text", { x: L - 4, y: y + 3, "text-anchor": "end" }, fmtInt(Math.round(max * f))));
+      nodes.push(svg("text", { x: L - 4, y: y + 3, "text-anchor": "end" }, fmtInt(t)));
     }
+    if (total === 0) nodes.push(svg("text", { x: (L + W - R) / 2, y: (T + H - B) / 2, "text-anchor": "middle" }, "no entries yet"));
     counts.forEach((c, i) => {
       const h = (H - T - B) * (c / max);
       const x = L + i * bw + 2;
