@@ -45,6 +45,9 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
     test_in, test_gt = run_dir / "data" / "test" / "input", run_dir / "data" / "test" / "target"
     ensemble = IQAEnsemble.from_config(cfg)
     rows = [("degraded input", test_in)]
+    teacher_out = run_dir / "restored" / "stage1_teacher"
+    restore_folder(run_dir / "pretrain.pt", test_in, teacher_out, score=cfg.model.score_cap)
+    rows.append(("stage-1 teacher", teacher_out))
     for score in DEMO_SCORES:
         out = run_dir / "restored" / f"score_{score:g}"
         restore_folder(Path(summary["checkpoint"]), test_in, out, score=score)

@@ -172,7 +172,8 @@ def cmd_scale(args) -> int:
 
     from services.names import LABELLER
 
-    ray.init(address=args.address or "auto", namespace=args.namespace, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address=args.address or "auto", namespace=args.namespace, log_to_driver=False)
     try:
         labeller = ray.get_actor(LABELLER, namespace=args.namespace)
     except ValueError:

@@ -68,3 +68,15 @@ def test_teacher_killed_comes_back_with_latest_weights(ray_cluster, weights_dir,
     assert {e.teacher_version for i in range(8) for e in bank.entries(f"f{i}")} == {5}
     assert bank.check_invariants() == []
     ray.kill(labeller)
+
+
+def test_scale_command_reaches_running_job(ray_cluster, weights_dir, redis_url):
+    from qualiteacher.cli import main
+
+    _, _, labeller = _start("scale-cli", "scalecli", redis_url, scorers=1)
+    assert ray.get(labeller.scorer_count.remote()) == 1
+    assert main(["scale", "scorers", "2", "--namespace", "scale-cli"]) == 0
+    done = labeller.run.remote(max_rounds=1)
+    assert ray.get(done, timeout=120)["scorers"] == 2
+    assert main(["scale", "scorers", "1", "--namespace", "no-such-job"]) == 2
+    ray.kill(labeller)
