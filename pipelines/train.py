@@ -217,6 +217,8 @@ def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, sta
         "mode": cfg.train.mode,
     }
     summary.update(bank_summary(cfg, redis_url))
+    bank = _bank(cfg, redis_url)
+    summary["student_resumes"] = int(bank.client.hget(bank.keys.meta, "student_resumes") or 0)
     return summary
 
 

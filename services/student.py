@@ -82,6 +82,12 @@ class BankBatches:
         except (redis.ConnectionError, redis.TimeoutError):
             pass  # progress is informational; training goes on
 
+    def record_resume(self, step: int) -> None:
+        """Count restarts from a checkpoint (worker failure or a re-run job), for the summary."""
+        meta = self.bank.keys.meta
+        self.bank.client.hincrby(meta, "student_resumes", 1)
+        self.bank.client.hset(meta, "student_resumed_at_step", step)
+
     def wait_for_entries(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while self.bank.num_images() == 0:
@@ -170,6 +176,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7919 + step)
     paired = PairedImages(loop_cfg["paired_input_dir"], loop_cfg["paired_target_dir"])
     bank = BankBatches(cfg, loop_cfg["redis_url"], rng)
+    if checkpoint is not None and rank == 0:
+        bank.record_resume(step)
     bank.wait_for_entries(cfg.train.bank_wait_s)
     reward = _reward_fn(cfg, loop_cfg)
     perceptual = _perceptual_fn(cfg, device)

@@ -69,6 +69,7 @@ def test_resume_continues_steps_and_versions(smoke_run):
     assert summary["teacher_version"] == 6  # continued from 4, not restarted
     assert summary["bank_images"] >= first["bank_images"]  # the bank in Redis was reused
     assert summary["checkpoint"] != first["checkpoint"]
+    assert summary["student_resumes"] == 1
 
 
 def _fake_sets(n_images: int, seed: int):
@@ -130,3 +131,41 @@ def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_u
     assert all(len(bank.labels(f"s{i}")) == 3 for i in range(8))
     ray.get(labeller.scale_scorers.remote(1))
     ray.kill(labeller)
+
+
+def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir, tmp_path):
+    """Kill the Ray Train worker mid-run: training restarts from the latest checkpoint and
+    the step count and teacher version continue instead of starting over."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from pipelines.train import run
+
+    killed: list[int] = []
+    ckpt_root = tmp_path / "ray_train" / "student"
+
+    def kill_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if ckpt_root.exists() and any(ckpt_root.glob("checkpoint_*")):
+                time.sleep(1.0)  # let the controller register the checkpoint it was sent
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run(_cfg("student-kill", "train.steps=24", "train.checkpoint_every=4"), tmp_path)
+    killer.join(timeout=5)
+    assert killed, "the student worker was never killed"
+    assert summary["steps"] == 24
+    assert summary["teacher_version"] == 12
+    assert summary["student_resumes"] == 1  # restarted once, from a checkpoint, not from scratch
+    assert summary["max_entries_per_image"] <= 3
