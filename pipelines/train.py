@@ -23,9 +23,10 @@ from pathlib import Path
 import ray
 import torch
 
+from pipelines.progress import ProgressReporter
 from qualiteacher.checkpoint import load_training_state
 from qualiteacher.config import Config, load_config
-from pipelines.progress import ProgressReporter
+from qualiteacher.fileio import atomic_write_json
 from services.bank.store import MemoryBank
 from services.names import LABELLER
 from services.redis_server import redact_url, redis_client, resolve_redis
@@ -75,8 +76,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[dict, dict, int]:
     """(student init state, teacher state, teacher version) for this run."""
-    from qualiteacher.checkpoint import load_restorer
     from pipelines.pretrain import pretrain
+    from qualiteacher.checkpoint import load_restorer
 
     stage1 = cfg.pretrain.checkpoint or run_dir / "pretrain.pt"
     if not Path(stage1).exists():
@@ -166,12 +167,6 @@ def bank_summary(cfg: Config, redis_url: str) -> dict:
             "bank_stats": stats}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def run(cfg: Config, run_dir: Path) -> dict:
     """The whole job; returns the summary written to run_dir/summary.json."""
     started = time.monotonic()
@@ -199,7 +194,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         teacher_versions = ray.get(labeller.teacher_versions.remote())
         ray.kill(labeller)
         summary = _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started)
-    write_json_atomic(run_dir / "summary.json", summary)
+    atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.config import ModelConfig
+from qualiteacher.fileio import atomic_write
 from qualiteacher.models.build import build_model, load_backbone_state
 from qualiteacher.models.injection import unwrap
 
@@ -55,22 +55,6 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
-    """Call ``write(file)`` on a temp file next to ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -107,7 +91,7 @@ def save_model_file(
         "model_config": model_cfg.model_dump(mode="json"),
         **_check_extra(extra or {}),
     }
-    return _atomic_write(Path(path), lambda fh: torch.save(payload, fh))
+    return atomic_write(Path(path), lambda fh: torch.save(payload, fh))
 
 
 def save_training_state(
@@ -131,9 +115,9 @@ def save_training_state(
         "teacher_version": int(teacher_version),
         "model_config": model_cfg.model_dump(mode="json"),
     }
-    _atomic_write(directory / STATE_FILE, lambda fh: torch.save(state, fh))
+    atomic_write(directory / STATE_FILE, lambda fh: torch.save(state, fh))
     meta = {"format": STATE_FORMAT, "step": int(step), "teacher_version": int(teacher_version)}
-    _atomic_write(directory / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(directory / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return directory
 
 

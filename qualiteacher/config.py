@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 WEIGHTS_ENV = "QUALITEACHER_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/qualiteacher/weights")
@@ -91,7 +98,7 @@ class ModelConfig(Strict):
     score_cap: float = Field(7.0, gt=0)
 
     @model_validator(mode="after")
-    def _symmetric(self) -> "ModelConfig":
+    def _symmetric(self) -> ModelConfig:
         if len(self.enc_blocks) != len(self.dec_blocks):
             raise ValueError("enc_blocks and dec_blocks must have the same length")
         if self.score_cap > self.score_max:
@@ -217,7 +224,7 @@ class Config(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
-    def _baseline_mode(self) -> "Config":
+    def _baseline_mode(self) -> Config:
         """The Colabator-style baseline: one teacher pass, no score condition, one bank entry
         per image replaced only when better, no dual drop, no preference or consistency loss.
         Setting the mode is enough; these fields are forced so a baseline run can never mix

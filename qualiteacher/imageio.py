@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from qualiteacher.fileio import atomic_write
 
 if TYPE_CHECKING:  # torch is imported lazily: data-only processes skip its ~1.5 s import
     import torch
@@ -238,21 +239,8 @@ def decode_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 def write_png(path: str | os.PathLike[str], img: np.ndarray) -> Path:
     """Write ``img`` as PNG atomically: readers see the old file or the new one, never half."""
-    path = Path(path)
     data = encode_png(img)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target so os.replace is a rename on one file system.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 # --------------------------------------------------------------------------- folders

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.imageio import ImageReadError, read_image, to_tensor
+from qualiteacher.iqa.ensemble import IQAEnsemble
 
 
 def score_files(paths: list[Path], ensemble: IQAEnsemble, max_pixels: int = 64_000_000,

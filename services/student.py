@@ -133,7 +133,7 @@ class BankBatches:
         return x[box], y[box], wmap[box]
 
 
-def _save_checkpoint(model, ema, opt, step, version, cfg) -> "ray.train.Checkpoint":
+def _save_checkpoint(model, ema, opt, step, version, cfg) -> ray.train.Checkpoint:
     from ray.train import Checkpoint
 
     directory = Path(tempfile.mkdtemp(prefix="qt-ckpt-"))

@@ -88,7 +88,7 @@ class IQAEnsemble:
         self.models = {name: load_metric(spec, weights_dir, self.device) for name, spec in self.specs.items()}
 
     @classmethod
-    def from_config(cls, cfg) -> "IQAEnsemble":
+    def from_config(cls, cfg) -> IQAEnsemble:
         """Build from a `Config` (uses cfg.iqa and cfg.paths)."""
         return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device)
 

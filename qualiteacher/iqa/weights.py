@@ -19,10 +19,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def _download_sdist(source: SdistSource, dest: Path) -> Path:
     # build tools instead of installing the package's build dependencies (basicsr's need torch).
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            "--no-build-isolation", f"{source.package}=={source.version}", "-d", str(dest)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     path = dest / source.sdist_name
     if result.returncode != 0 or not path.exists():
         raise RuntimeError(
@@ -152,7 +152,7 @@ def prepare(weights_dir: Path, sdist_dir: Path | None = None, log: Callable[[str
                 "sha256": sha256_file(target),
                 "source": f"{source.sdist_name}:{source.member}",
                 "source_sha256": sha256_file(sdist),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             log(f"{metric}: built {target} from {source.sdist_name}")
     (weights_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -219,7 +219,7 @@ def configure_pyiqa(weights_dir: Path) -> None:
     so none of them ever reaches for the network).
     """
     import torch.hub
-    import pyiqa.utils.download_util as download_util
+    from pyiqa.utils import download_util
 
     torch.hub.set_dir(str(weights_dir / "hub"))
     download_util.DEFAULT_CACHE_DIR = str(weights_dir / PYIQA_DIR)

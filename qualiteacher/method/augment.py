@@ -5,7 +5,7 @@ Every transform has an exact inverse on tensors of any (H, W), square or not.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -11,8 +11,9 @@ implements exactly this rule; tests compare the two.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, TypeVar
+from typing import TypeVar
 
 
 @dataclass(frozen=True)
