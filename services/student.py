@@ -251,7 +251,15 @@ def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_in
             out["perceptual"] = perceptual(pred, batch["pl"])
             total = total + lc.perceptual_weight * out["perceptual"]
         if reward is not None and step >= lc.preference.warmup_steps:
-            total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out)
+            try:
+                total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out)
+            except (torch.linalg.LinAlgError, AssertionError) as exc:
+                # pyiqa's NIQE / BRISQUE are undefined on a flat (zero-variance) image: NIQE's
+                # pinv gets NaN, BRISQUE asserts. Raising here would kill the worker, and the
+                # restart would replay the same batch until max_failures: skip these terms once.
+                log.warning("step %d: reward undefined on this bank batch (%s: %s); preference and "
+                            "consistency losses skipped for this step", step, type(exc).__name__,
+                            str(exc).splitlines()[0][:120])
     out["total"] = total
     return out
 

@@ -1,0 +1,41 @@
+"""A bank batch the reward cannot score (a flat crop) skips the method losses for one step
+instead of killing the student worker (which Ray Train would restart into the same batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qualiteacher.config import load_config
+from qualiteacher.iqa.ensemble import IQAEnsemble
+from qualiteacher.models.build import build_model
+from qualiteacher.models.injection import injection_snapshot
+from services.student import _losses
+
+
+class _Paired:
+    def sample_batch(self, n, crop, rng):
+        x = torch.rand(n, 3, crop, crop)
+        return x, x
+
+
+class _FlatBank:
+    def sample(self, n, device):
+        return {"x": torch.full((n, 3, 96, 96), 0.5), "pl": torch.full((n, 3, 96, 96), 0.5),
+                "weights": torch.ones(n, 1, 96, 96), "level": torch.full((n,), 7.0),
+                "q_min": torch.zeros(n)}
+
+
+def test_flat_bank_batch_skips_reward_terms(weights_dir):
+    cfg = load_config("configs/smoke.yaml", ["data.crop_size=96", "train.bank_batch_size=2"])
+    ensemble = IQAEnsemble.from_config(cfg)
+    model = build_model(cfg.model)
+
+    def flat_reward(y):  # what the real ensemble does when the student's output is flat
+        return ensemble.reward(torch.full_like(y, 0.5)) + 0 * y.mean()
+
+    out = _losses(cfg, model, _Paired(), _FlatBank(), flat_reward, np.random.default_rng(0),
+                  torch.Generator().manual_seed(0), torch.device("cpu"), step=10,
+                  initial_injection=injection_snapshot(model))
+    assert "pixel" in out and torch.isfinite(out["total"])
+    out["total"].backward()
