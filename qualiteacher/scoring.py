@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -34,17 +35,28 @@ def score_files(paths: list[Path], ensemble: IQAEnsemble, max_pixels: int = 64_0
     for group in by_shape.values():
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
-            scores = _score_chunk(ensemble, torch.cat([t for _, t in chunk]))
+            scores = _score_chunk(ensemble, torch.cat([t for _, t in chunk]), [paths[i] for i, _ in chunk])
             for (i, _), row in zip(chunk, scores):
                 results[i].update(row)
     return results
 
 
-def _score_chunk(ensemble: IQAEnsemble, batch: torch.Tensor) -> list[dict]:
+def _score_chunk(ensemble: IQAEnsemble, batch: torch.Tensor, paths: list[Path]) -> list[dict]:
+    """Rows for a batch; when a metric fails on the batch (NIQE on a flat image, say), each
+    image is scored alone, so one odd image fails only itself, with an error naming it."""
     try:
-        return ensemble.score(batch).rows()
+        rows = ensemble.score(batch).rows()
     except Exception as exc:  # a metric failing on odd input must not stop the others
-        return [{"error": f"scoring failed: {type(exc).__name__}: {exc}"}] * batch.shape[0]
+        if len(paths) > 1:
+            return [row for i in range(len(paths)) for row in _score_chunk(ensemble, batch[i:i + 1], paths[i:i + 1])]
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return [{"error": f"{paths[0]}: scoring failed ({type(exc).__name__}: {reason})"}]
+    for row, path in zip(rows, paths):
+        bad = [m for m, v in row["raw"].items() if not math.isfinite(v)]
+        if bad:  # e.g. BRISQUE gives NaN on a flat image; NaN is not valid JSON either
+            row.clear()
+            row["error"] = f"{path}: scoring failed ({', '.join(bad)} gave no finite score)"
+    return rows
 
 
 def format_table(results: list[dict], metrics: list[str]) -> str:
