@@ -105,7 +105,8 @@ def cmd_evaluate(args) -> int:
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
     cfg = _config(_with_metrics(args))
-    result = evaluate_folder(Path(args.pred), IQAEnsemble.from_config(cfg), Path(args.gt) if args.gt else None)
+    result = evaluate_folder(Path(args.pred), IQAEnsemble.from_config(cfg), Path(args.gt) if args.gt else None,
+                             max_pixels=cfg.data.max_image_pixels)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from qualiteacher.imageio import ImageReadError, list_images, read_image
+from qualiteacher.imageio import DEFAULT_MAX_PIXELS, ImageReadError, list_images, read_image
 from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.scoring import score_files
 
@@ -22,10 +22,11 @@ def reference_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return {"psnr": float(psnr) if math.isfinite(psnr) else 100.0, "ssim": float(ssim)}
 
 
-def evaluate_folder(pred_dir: Path, ensemble: IQAEnsemble, gt_dir: Path | None = None) -> dict:
+def evaluate_folder(pred_dir: Path, ensemble: IQAEnsemble, gt_dir: Path | None = None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """{"per_image": [...], "mean": {...}, "failed": n}; bad files are reported, not fatal."""
     paths = list_images(pred_dir)
-    rows = score_files(paths, ensemble)
+    rows = score_files(paths, ensemble, max_pixels=max_pixels)
     for row, path in zip(rows, paths):
         if gt_dir is None or "error" in row:
             continue
@@ -34,7 +35,7 @@ def evaluate_folder(pred_dir: Path, ensemble: IQAEnsemble, gt_dir: Path | None =
             row["error"] = f"{path}: no ground truth named {path.name} in {gt_dir}"
             continue
         try:
-            row.update(reference_scores(read_image(path), read_image(gt_path)))
+            row.update(reference_scores(read_image(path, max_pixels), read_image(gt_path, max_pixels)))
         except (ImageReadError, ValueError) as exc:
             row["error"] = f"{path}: {exc}"
     return {"per_image": rows, "mean": _means(rows), "failed": sum("error" in r for r in rows)}
