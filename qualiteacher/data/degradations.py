@@ -239,15 +239,15 @@ def degrade_folder(
     claimed: dict[str, Path] = {}
     for path in list_images(in_dir):
         if path.stem in claimed:
-            results.append((path, f"output {path.stem}.png already written for {claimed[path.stem].name}"))
+            results.append((path, f"{path}: output {path.stem}.png already written for {claimed[path.stem].name}"))
             continue
-        claimed[path.stem] = path
         try:
             rng = np.random.default_rng(file_seed(seed, path.name, task, domain))
             write_png(out_dir / f"{path.stem}.png", degrade(read_image(path), task, rng, domain))
         except (ImageReadError, OSError) as exc:
             results.append((path, str(exc)))
         else:
+            claimed[path.stem] = path  # only a written output claims its name (a.jpg unreadable: a.png still goes)
             results.append((path, None))
     return results
 
