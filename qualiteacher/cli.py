@@ -160,10 +160,13 @@ def cmd_train(args) -> int:
 def cmd_restore(args) -> int:
     from pipelines.restore import restore_folder
 
-    report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score)
+    try:
+        report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score)
+    except ValueError as exc:  # bad checkpoint (CheckpointError), score or folders: before any file is written
+        raise UsageError(str(exc)) from None
     failed = [(p, err) for p, err in report if err]
-    for _path, err in failed:
-        print(f"error: {err}", file=sys.stderr)
+    for path, err in failed:
+        print(f"error: {path}: {err}", file=sys.stderr)
     print(f"restored {len(report) - len(failed)} of {len(report)} images into {args.out_dir} at score {args.score}")
     return EXIT_PARTIAL if failed else EXIT_OK
 
