@@ -25,7 +25,7 @@ import torch
 
 from pipelines.progress import ProgressReporter
 from qualiteacher.checkpoint import load_training_state
-from qualiteacher.config import Config, load_config
+from qualiteacher.config import Config, ConfigError, load_config
 from qualiteacher.fileio import atomic_write_json
 from services.bank.store import MemoryBank
 from services.names import LABELLER
@@ -140,7 +140,7 @@ def _bank(cfg: Config, redis_url: str) -> MemoryBank:
 
 
 def preflight(cfg: Config) -> None:
-    """Fail before any work starts when a metric or loss file is missing."""
+    """Fail before any work starts when a metric or loss file or a data folder is missing."""
     from qualiteacher.iqa.registry import get_spec
     from qualiteacher.iqa.weights import require_weights
     from qualiteacher.losses.perceptual import vgg19_weights_path
@@ -155,6 +155,17 @@ def preflight(cfg: Config) -> None:
             "(torchvision's vgg19-dcbb9e9d.pth); set the weight to 0 or place the file there")
     if cfg.pretrain.checkpoint is not None and not cfg.pretrain.checkpoint.exists():
         raise FileNotFoundError(f"pretrain.checkpoint not found: {cfg.pretrain.checkpoint}")
+    # The user's data folders are used only when all three are set (else the bundled samples):
+    # a partial set would silently train on the samples.
+    folders = {f"data.{k}": getattr(cfg.data, k) for k in ("paired_input_dir", "paired_target_dir", "unpaired_dir")}
+    given = {k: v for k, v in folders.items() if v is not None}
+    if given and len(given) < len(folders):
+        missing = ", ".join(k for k in folders if k not in given)
+        raise ConfigError(f"{missing} must be set as well: training uses your own data only when "
+                          f"{', '.join(folders)} are all set")
+    for field, folder in given.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{field}: folder {folder} does not exist or is not a directory")
 
 
 def bank_summary(cfg: Config, redis_url: str) -> dict:
@@ -224,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=None, help="default: paths.run_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg)  # run() checks again; here a bad config ends as one line, not a traceback
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = run(cfg, args.run_dir or cfg.paths.run_dir)
     print(json.dumps({k: summary[k] for k in ("steps", "teacher_version", "bank_images", "bank_entries",
                                               "max_entries_per_image", "dropped", "checkpoint", "elapsed_s")},
