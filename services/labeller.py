@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+import redis
 from ray.exceptions import RayActorError, RayTaskError
 
 from qualiteacher.config import Config
@@ -36,6 +37,7 @@ from services.scorer import ScorerWorker
 from services.teacher import TeacherWorker
 
 log = logging.getLogger(__name__)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Labeller:
         self.scorers: list[_Scorer] = []
         self.next_scorer = itertools.count()
         self.desired_scorers = self.lab.scorers
+        self.published_scorers: int | None = None  # the count last written to the bank
         self._reconcile_scorers()
         self.bank.set_teacher_version(self.version)
 
@@ -156,7 +159,21 @@ class Labeller:
         for scorer in [s for s in self.scorers if s.retiring and s.in_flight == 0]:
             ray.kill(scorer.handle)
             self.scorers.remove(scorer)
-        self.bank.set_scorer_count(self.desired_scorers)
+        # Written when it changes (this runs every loop turn), and retried on the next turn
+        # while Redis is away: a monitor's number must not end the run.
+        if self.published_scorers != self.desired_scorers and self._bookkeeping(
+                "scorer count", self.bank.set_scorer_count, self.desired_scorers):
+            self.published_scorers = self.desired_scorers
+
+    @staticmethod
+    def _bookkeeping(what: str, write, *args) -> bool:
+        """A bookkeeping write to the bank; False (logged) while Redis is unreachable."""
+        try:
+            write(*args)
+            return True
+        except REDIS_DOWN as exc:
+            log.warning("redis unavailable (%s): %s not written yet", type(exc).__name__, what)
+            return False
 
     def _replace_scorer(self, dead: _Scorer) -> None:
         if dead in self.scorers:
@@ -286,7 +303,7 @@ class Labeller:
         if version < newest - self.lab.max_staleness:
             with self.lock:
                 self.stats_.stale += len(call.batch.ids)
-            self.bank.record_drop("stale", len(call.batch.ids))
+            self._bookkeeping("stale drop count", self.bank.record_drop, "stale", len(call.batch.ids))
             return []
         return [_ScoreCall(None, call.batch, call.pls, call.finite, version)]  # type: ignore[arg-type]
 
