@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from qualiteacher.imageio import DEFAULT_MAX_PIXELS, ImageReadError, list_images, read_image
+from qualiteacher.imageio import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    list_images,
+    read_image,
+)
 from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.scoring import score_files
 
