@@ -1,0 +1,220 @@
+"""Bad configs fail at once with one clear error naming the field or file, before any work.
+
+Three layers: ``load_config`` (unknown keys, wrong types, out-of-range values, bad YAML),
+``pipelines.train.preflight`` (missing weights, checkpoints and data folders), and the
+commands users type: ``qualiteacher train`` and ``python -m pipelines.train`` exit 2 with
+the field name on stderr, no traceback, within seconds, and start neither Redis nor Ray
+(the run folder is not even created).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qualiteacher.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+# (YAML text, the field that must be named, a fragment of the reason)
+BAD_YAML = {
+    "unknown_key": ("iqa:\n  block_gird: 3\n", "iqa.block_gird", "Extra inputs are not permitted"),
+    "unknown_section": ("trian:\n  steps: 3\n", "trian", "Extra inputs are not permitted"),
+    "wrong_type": ("train:\n  steps: many\n", "train.steps", "valid integer"),
+    "wrong_type_list": ("labelling:\n  augmentations: hflip\n", "labelling.augmentations", "valid list"),
+    "wrong_type_section": ("iqa: [1, 2]\n", "iqa", "valid dictionary"),
+    "wrong_choice": ("data:\n  task: fog\n", "data.task", "'snow', 'rain', 'haze', 'lowlight' or 'underwater'"),
+    "out_of_range": ("ema:\n  decay: 1.5\n", "ema.decay", "less than 1"),
+    "out_of_range_int": ("iqa:\n  block_grid: 0\n", "iqa.block_grid", "greater than or equal to 1"),
+    "negative_weight": ("iqa:\n  metrics: {brisque: -1}\n", "iqa.metrics", "must be >= 0"),
+    "unknown_metric": ("iqa:\n  metrics: {musiqq: 1}\n", "iqa.metrics", "unknown metric 'musiqq'"),
+    "bad_prefix": ("redis:\n  prefix: 'a:b'\n", "redis.prefix", "should match pattern"),
+    "inconsistent": ("model:\n  enc_blocks: [1, 1]\n  dec_blocks: [1]\n", "model", "same length"),
+}
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- load_config
+@pytest.mark.parametrize("case", sorted(BAD_YAML))
+def test_load_config_names_the_field(tmp_path, case):
+    text, field, reason = BAD_YAML[case]
+    path = _write(tmp_path, case, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message  # the file
+    assert f"  {field}:" in message or f"  {field}." in message, message  # the field, as a dotted path
+    assert reason in message, message
+
+
+def test_every_error_of_a_file_is_listed_at_once(tmp_path):
+    path = _write(tmp_path, "many", "train:\n  steps: 0\n  lr: -1\nema:\n  decay: 2\nbogus: 1\n")
+    message = str(pytest.raises(ConfigError, load_config, path).value)
+    for field in ("train.steps", "train.lr", "ema.decay", "bogus"):
+        assert f"  {field}:" in message, message
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a: [\n", "is not valid YAML"),
+    ("- 1\n- 2\n", "must hold a mapping at the top level"),
+])
+def test_unreadable_config_file(tmp_path, text, fragment):
+    path = _write(tmp_path, "broken", text)
+    message = str(pytest.raises(ConfigError, load_config, path).value)
+    assert str(path) in message and fragment in message
+
+
+def test_missing_config_file(tmp_path):
+    message = str(pytest.raises(ConfigError, load_config, tmp_path / "nope.yaml").value)
+    assert "not found" in message and "nope.yaml" in message
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.steps", "must look like section.field=value"),
+    ("train.steps.x=1", "'steps' is not a section"),
+    ("train.steps=-3", "train.steps"),
+    ("iqa.metrics={niqe: x}", "iqa.metrics.niqe"),
+])
+def test_bad_overrides_name_the_field(override, fragment):
+    message = str(pytest.raises(ConfigError, load_config, SMOKE, [override]).value)
+    assert fragment in message, message
+
+
+def test_config_objects_reject_bad_assignments():
+    cfg = load_config(SMOKE)
+    with pytest.raises(ValueError, match="block_grid"):
+        cfg.iqa.block_grid = 0
+
+
+# ---------------------------------------------------------------------------- preflight
+def test_preflight_missing_metric_weights_names_the_file(tmp_path):
+    from pipelines.train import preflight
+
+    cfg = load_config(SMOKE, ["iqa.metrics={musiq: 1}", f"paths.weights_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError) as info:
+        preflight(cfg)
+    message = str(info.value)
+    assert "musiq" in message and str(tmp_path / "hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth") in message
+    assert "paths.weights_dir" in message  # and how to point at the right folder
+
+
+def test_preflight_missing_offline_parameters_names_the_files(tmp_path):
+    from pipelines.train import preflight
+
+    cfg = load_config(SMOKE, [f"paths.weights_dir={tmp_path}"])  # brisque + niqe + piqe, nothing prepared
+    message = str(pytest.raises(FileNotFoundError, preflight, cfg).value)
+    assert "brisque_svm_weights.pth" in message and "qualiteacher weights prepare" in message
+
+
+def test_preflight_missing_perceptual_weights(tmp_path, weights_dir):
+    from pipelines.train import preflight
+
+    empty = tmp_path / "w"
+    cfg = load_config(SMOKE, ["iqa.metrics={piqe: 1}", f"paths.weights_dir={empty}", "loss.perceptual_weight=0.1"])
+    message = str(pytest.raises(FileNotFoundError, preflight, cfg).value)
+    assert "loss.perceptual_weight" in message and "vgg19-dcbb9e9d.pth" in message
+
+
+def test_preflight_missing_pretrain_checkpoint(tmp_path, weights_dir):
+    from pipelines.train import preflight
+
+    cfg = load_config(SMOKE, [f"pretrain.checkpoint={tmp_path / 'stage1.pt'}"])
+    message = str(pytest.raises(FileNotFoundError, preflight, cfg).value)
+    assert "pretrain.checkpoint" in message and "stage1.pt" in message
+
+
+def test_preflight_missing_data_folder(tmp_path, weights_dir):
+    from pipelines.train import preflight
+
+    for d in ("in", "tg"):
+        (tmp_path / d).mkdir()
+    cfg = load_config(SMOKE, [f"data.paired_input_dir={tmp_path / 'in'}", f"data.paired_target_dir={tmp_path / 'tg'}",
+                              f"data.unpaired_dir={tmp_path / 'nope'}"])
+    message = str(pytest.raises(FileNotFoundError, preflight, cfg).value)
+    assert "data.unpaired_dir" in message and str(tmp_path / "nope") in message
+
+
+def test_preflight_partial_data_folders(tmp_path, weights_dir):
+    """Setting only some of the three folders would silently train on the bundled samples."""
+    from pipelines.train import preflight
+
+    cfg = load_config(SMOKE, [f"data.unpaired_dir={tmp_path}"])
+    message = str(pytest.raises(ConfigError, preflight, cfg).value)
+    assert "data.paired_input_dir" in message and "data.paired_target_dir" in message
+
+
+def test_preflight_passes_a_good_config(weights_dir):
+    from pipelines.train import preflight
+
+    preflight(load_config(SMOKE))
+
+
+# ---------------------------------------------------------------------------- the commands
+def _run(args: list[str], run_dir: Path, env_extra: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("REDIS_URL", None)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, *args, "--run-dir", str(run_dir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False, env=env)
+    return proc, time.monotonic() - t0
+
+
+def _assert_refused(proc: subprocess.CompletedProcess, elapsed: float, run_dir: Path, *fragments: str) -> None:
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert "Ray" not in err and "redis-server" not in err, err  # nothing was started
+    assert not run_dir.exists()  # the run folder is not even created
+    assert elapsed < 60, elapsed  # seconds (imports), not a Ray start-up; generous for a loaded machine
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "out_of_range"])
+def test_cli_train_bad_config_exits_2(tmp_path, case):
+    text, field, reason = BAD_YAML[case]
+    bad = _write(tmp_path, case, text)
+    run_dir = tmp_path / "run"
+    proc, elapsed = _run(["-m", "qualiteacher.cli", "train", "--config", str(bad)], run_dir)
+    _assert_refused(proc, elapsed, run_dir, field, reason, str(bad))
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+    print(f"{case}: refused in {elapsed:.1f} s")
+
+
+def test_cli_train_missing_weights_exits_2(tmp_path):
+    run_dir, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    proc, elapsed = _run(["-m", "qualiteacher.cli", "train", "--config", str(SMOKE), "--set", "iqa.metrics={musiq: 1}",
+                          "--set", f"paths.weights_dir={empty}"], run_dir)
+    _assert_refused(proc, elapsed, run_dir, "musiq_koniq_ckpt-e95806b9.pth", str(empty))
+
+
+def test_cli_train_missing_data_folder_exits_2(tmp_path, weights_dir):
+    run_dir = tmp_path / "run"
+    (tmp_path / "in").mkdir()
+    proc, elapsed = _run(["-m", "qualiteacher.cli", "train", "--config", str(SMOKE),
+                          "--set", f"data.paired_input_dir={tmp_path / 'in'}",
+                          "--set", f"data.paired_target_dir={tmp_path / 'in'}",
+                          "--set", f"data.unpaired_dir={tmp_path / 'nope'}"], run_dir)
+    _assert_refused(proc, elapsed, run_dir, "data.unpaired_dir", str(tmp_path / "nope"))
+
+
+def test_job_entrypoint_bad_config_exits_2(tmp_path):
+    """`ray job submit -- python -m pipelines.train --config bad.yaml`: the same clear error."""
+    text, field, reason = BAD_YAML["out_of_range"]
+    bad = _write(tmp_path, "bad", text)
+    run_dir = tmp_path / "run"
+    proc, elapsed = _run(["-m", "pipelines.train", "--config", str(bad)], run_dir)
+    _assert_refused(proc, elapsed, run_dir, field, reason)
