@@ -352,3 +352,35 @@ def test_training_over_a_messy_folder(ray_cluster, weights_dir, corpus, tmp_path
         client.close()
     assert sorted(stored) == sorted(readable)
     assert all(img.shape == (96, 96, 3) for img in stored.values())  # labelling.image_size of smoke.yaml
+
+
+# ---------------------------------------------------------------------------- scorer
+def test_scorer_drops_an_unscorable_pl_set_and_keeps_the_rest(weights_dir, redis_server):
+    """Flat pseudo-labels (a saturated or black frame) in a scoring batch: NIQE raises on them
+    and BRISQUE gives NaN. The scorer drops that set (counted as non_finite) and gates the
+    others; before, the whole batch failed and the labeller retried it for minutes."""
+    from qualiteacher.config import load_config
+    from services.bank.store import MemoryBank
+    from services.scorer import ScorerWorker
+    from tests.redis_fixtures import unique_prefix
+
+    prefix = unique_prefix()
+    cfg = load_config(REPO / "configs/smoke.yaml", ["drop.enabled=false", f"redis.prefix={prefix}"])
+    scorer = ScorerWorker(cfg.model_dump(mode="json"), redis_server.url)
+    photo = np.stack([_photo(96, 96, seed=s) for s in range(3)])  # (3, 96, 96, 3): one image's 3 PLs
+    flat = np.full_like(photo, 255)
+    half_flat = photo.copy()
+    half_flat[:, :48] = 0  # two of its four blocks are flat: BRISQUE has no score for them
+    report = scorer.process(["good", "flat", "half"], np.stack([photo, flat, half_flat]), np.ones(3, bool), 1)
+    bank = MemoryBank(redis_server.client(), prefix, 3)
+    try:
+        assert report["images"] == 3 and report["dropped"] == {"non_finite": 1}, report
+        assert sorted(i for i, _, _ in bank.list_images(0, 10, sort="id")) == ["good", "half"]
+        assert bank.stats()["drops"] == {"non_finite": 1}
+        for entry in bank.entries("half"):
+            weights = np.array(entry.weights.values)
+            assert np.isfinite(weights).all() and np.isfinite(entry.ensemble), weights
+        assert bank.check_invariants() == []
+    finally:
+        bank.clear()
+        bank.client.close()
