@@ -97,11 +97,13 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     from qualiteacher.data.paired import UnpairedImages
     from services.labeller import Labeller
 
-    unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size)
+    try:
+        unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size,
+                                  max_pixels=cfg.data.max_image_pixels)
+    except ValueError as exc:  # nothing readable in the folder
+        raise SystemExit(f"no usable images in the unpaired folder {unpaired_dir}: {exc}") from None
     for path, reason in unpaired.errors:
         log.warning("skipping %s: %s", path, reason)
-    if not unpaired.ids:
-        raise SystemExit(f"no usable images in the unpaired folder {unpaired_dir}")
     gpus = ray.cluster_resources().get("GPU", 0.0)
     labeller = ray.remote(Labeller).options(
         name=LABELLER, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=8, lifetime=None,

@@ -161,7 +161,8 @@ def cmd_restore(args) -> int:
     from pipelines.restore import restore_folder
 
     try:
-        report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score)
+        report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score,
+                                tile=args.tile or None)
     except ValueError as exc:  # bad checkpoint (CheckpointError), score or folders: before any file is written
         raise UsageError(str(exc)) from None
     failed = [(p, err) for p, err in report if err]
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="restore a folder with a trained model")
     restore.add_argument("--checkpoint", type=Path, required=True, help="model file, checkpoint or run folder")
     restore.add_argument("--score", type=float, default=7.0, help="quality condition, 0-10 (default 7)")
+    restore.add_argument("--tile", type=int, default=1024,
+                         help="restore images larger than this in overlapping tiles of this size, which "
+                              "bounds memory (default 1024; 0 = never tile)")
     restore.add_argument("in_dir")
     restore.add_argument("out_dir")
     restore.set_defaults(func=cmd_restore)

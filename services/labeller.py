@@ -70,6 +70,7 @@ class _ScoreCall:
     finite: ray.ObjectRef
     version: int
     attempts: int = 1
+    not_before: float = 0.0  # monotonic time before which a retried batch waits (backoff)
 
 
 @dataclass
@@ -188,7 +189,10 @@ class Labeller:
                 return self.version
             self.weights_ref, self.version = state[0], int(version)
             refs = [t.set_weights.remote(self.weights_ref, self.version) for t in self.teachers]
-        self.bank.set_teacher_version(int(version))
+        try:
+            self.bank.set_teacher_version(int(version))
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("teacher version %d not recorded in Redis (unreachable)", version)
         ray.get(refs)
         return int(version)
 
@@ -272,7 +276,11 @@ class Labeller:
 
     def _dispatch_scores(self, waiting: list[_ScoreCall], scores: dict) -> list[_ScoreCall]:
         left = []
+        now = time.monotonic()
         for call in waiting:
+            if call.not_before > now:  # backing off; the loop keeps serving other batches
+                left.append(call)
+                continue
             free = [s for s in self.scorers if not s.retiring and s.in_flight < self.lab.in_flight_per_scorer]
             if not free:
                 left.append(call)
@@ -340,7 +348,7 @@ class Labeller:
         except RayTaskError as exc:
             # E.g. Redis unreachable for longer than the client's retries: wait, then retry.
             log.warning("scoring failed (%s); retrying the batch", str(exc).splitlines()[-1][:200])
-            time.sleep(min(2.0 ** call.attempts, 30.0))
+            call.not_before = time.monotonic() + min(2.0 ** call.attempts, 30.0)
             return self._retry(call)
         with self.lock:
             self.stats_.scored += report["images"]

@@ -174,7 +174,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     rng = np.random.default_rng([cfg.seed, rank, step])
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7919 + step)
-    paired = PairedImages(loop_cfg["paired_input_dir"], loop_cfg["paired_target_dir"])
+    paired = PairedImages(loop_cfg["paired_input_dir"], loop_cfg["paired_target_dir"],
+                          max_pixels=cfg.data.max_image_pixels)
+    if rank == 0:
+        for path, reason in paired.errors:
+            log.warning("paired data: skipping %s: %s", path, reason)
     bank = BankBatches(cfg, loop_cfg["redis_url"], rng)
     if checkpoint is not None and rank == 0:
         bank.record_resume(step)
