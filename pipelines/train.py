@@ -83,7 +83,8 @@ def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[
     if not Path(stage1).exists():
         log.info("pretraining the stage-1 teacher (%d steps)", cfg.pretrain.steps)
         pretrain(cfg, data["paired_input"], data["paired_target"], Path(stage1), log=log.info)
-    model, _ = load_restorer(Path(stage1))
+    # Built from this run's model config: a stage-1 file with or without score injection fits.
+    model, _ = load_restorer(Path(stage1), model_cfg=cfg.model)
     init_state = model.state_dict()
     resume = latest_checkpoint(run_dir)
     if resume is None:
@@ -155,6 +156,12 @@ def preflight(cfg: Config) -> None:
         raise FileNotFoundError(
             f"loss.perceptual_weight > 0 needs VGG-19 weights at {vgg} "
             "(torchvision's vgg19-dcbb9e9d.pth); set the weight to 0 or place the file there")
+    from qualiteacher.iqa.registry import METRICS
+
+    size = cfg.labelling.image_size
+    too_big = [f"{m} needs {METRICS[m].min_size} px" for m in cfg.iqa.metrics if size and METRICS[m].min_size > size]
+    if too_big:
+        raise ConfigError(f"labelling.image_size={size} is too small for the ensemble ({', '.join(too_big)})")
     if cfg.pretrain.checkpoint is not None and not cfg.pretrain.checkpoint.exists():
         raise FileNotFoundError(f"pretrain.checkpoint not found: {cfg.pretrain.checkpoint}")
     # The user's data folders are used only when all three are set (else the bundled samples):

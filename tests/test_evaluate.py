@@ -42,3 +42,30 @@ def test_baseline_mode_forces_colabator_settings():
     assert not cfg.loss.preference.enabled and not cfg.loss.consistency.enabled
     full = load_config("configs/quickstart.yaml")
     assert full.labelling.augmentations == ["hflip", "vflip", "rot90"] and full.gating.top_k == 3
+
+
+def test_baseline_starts_from_a_conditioned_stage1_model(tmp_path):
+    import torch
+
+    from qualiteacher.checkpoint import load_restorer, save_model_file
+    from qualiteacher.models.build import build_model
+
+    qt = load_config("configs/smoke.yaml")
+    stage1 = build_model(qt.model)
+    save_model_file(tmp_path / "pretrain.pt", stage1, qt.model)
+    baseline = load_config("configs/smoke.yaml", ["train.mode=baseline"])
+    model, cfg = load_restorer(tmp_path / "pretrain.pt", model_cfg=baseline.model)
+    assert not cfg.score_condition
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():  # zero-init injection: the conditioned stage-1 output equals the backbone's
+        assert torch.allclose(model(x), stage1(x, 7.0), atol=1e-6)
+
+
+def test_preflight_rejects_images_smaller_than_a_metric_needs():
+    import pytest
+
+    from pipelines.train import preflight
+    from qualiteacher.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"labelling\.image_size=64.*niqe needs 96"):
+        preflight(load_config("configs/smoke.yaml", ["labelling.image_size=64"]))

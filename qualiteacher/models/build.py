@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from qualiteacher.config import ModelConfig
-from qualiteacher.models.injection import ScoreInjectionSet, unwrap
+from qualiteacher.models.injection import INJECTION_ATTR, ScoreInjectionSet, unwrap
 from qualiteacher.models.nafnet import NAFNet
 from qualiteacher.models.unet import UNet
 
@@ -37,10 +37,14 @@ def load_backbone_state(model: nn.Module, state_dict: Mapping[str, Tensor]) -> N
     """Load a state dict of the same architecture, with or without score injection.
 
     Missing keys are allowed only under the model's injection modules (they keep their
-    zero-init, so outputs equal the backbone's); any other missing key or any unexpected
-    key is an error listing them. Shape mismatches raise from `load_state_dict`.
+    zero-init, so outputs equal the backbone's). Injection keys of a conditioned file are
+    dropped when the model has no injection (e.g. the unconditioned baseline starting from
+    a conditioned stage-1 model). Any other missing or unexpected key is an error listing
+    them. Shape mismatches raise from `load_state_dict`.
     """
     model = unwrap(model)
+    if not hasattr(model, INJECTION_ATTR):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{INJECTION_ATTR}.")}
     result = model.load_state_dict(state_dict, strict=False)
     prefixes = tuple(_injection_prefixes(model))
     bad_missing = [
