@@ -151,8 +151,9 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     def kill_worker_after_first_checkpoint():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if ckpt_root.exists() and any(ckpt_root.glob("checkpoint_*")):
-                time.sleep(1.0)  # let the controller register the checkpoint it was sent
+            # The controller writes its snapshot once it has registered a checkpoint: only then
+            # does a restarted worker get it back (killing earlier restarts from scratch).
+            if (ckpt_root / "checkpoint_manager_snapshot.json").exists():
                 for proc in psutil.process_iter(["pid", "cmdline"]):
                     if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                         os.kill(proc.info["pid"], signal.SIGKILL)
