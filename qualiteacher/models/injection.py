@@ -260,18 +260,38 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 
 
 class ConditionedRestorer(nn.Module):
-    """Shared forward of the built-in networks: pad, set the score, body, crop, residual.
+    """Shared parts of the built-in U-shaped networks: pad, set the score, body, crop, residual.
 
-    Subclasses build `body(x)` and, when conditioned, call `attach_score_injection`.
-    `forward(x, score)`: score None means `score_cap`; scores above the cap are capped.
-    Without conditioning the score is accepted and ignored, so callers need not branch.
+    Subclasses build `intro`, `encoders`, `downs`, `middle`, `ups`, `decoders`, `ending`,
+    define `merge` (how an upsampled feature meets its skip), and call
+    `attach_bottleneck_injection`. `forward(x, score)`: score None means `score_cap`;
+    scores above the cap are capped. Without conditioning the score is accepted and ignored,
+    so callers need not branch.
     """
 
     pad_multiple: int = 1
     score_cap: float = 7.0
 
-    def body(self, x: Tensor) -> Tensor:
+    def attach_bottleneck_injection(self, cfg) -> None:
+        """Score injection at the bottleneck ("middle"), when the config asks for it."""
+        if cfg.score_condition:
+            bottleneck = cfg.width * 2 ** len(cfg.enc_blocks)
+            attach_score_injection(self, ["middle"], cfg.score_frequencies, cfg.score_max, channels=bottleneck)
+
+    def merge(self, up: nn.Module, h: Tensor, skip: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def body(self, x: Tensor) -> Tensor:
+        h = self.intro(x)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            h = encoder(h)
+            skips.append(h)
+            h = down(h)
+        h = self.middle(h)
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
+            h = decoder(self.merge(up, h, skip))
+        return self.ending(h)
 
     def forward(self, x: Tensor, score: Tensor | float | None = None) -> Tensor:
         n, _, h, w = x.shape

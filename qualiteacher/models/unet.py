@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.config import ModelConfig
-from qualiteacher.models.injection import ConditionedRestorer, attach_score_injection
+from qualiteacher.models.injection import ConditionedRestorer
 
 
 class ConvBlock(nn.Module):
@@ -68,24 +68,7 @@ class UNet(ConditionedRestorer):
             c //= 2
             self.decoders.append(_blocks(c, n))
         self.ending = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
-        if cfg.score_condition:
-            bottleneck = cfg.width * 2 ** len(cfg.enc_blocks)
-            attach_score_injection(
-                self,
-                ["middle"],
-                cfg.score_frequencies,
-                cfg.score_max,
-                channels=bottleneck,
-            )
+        self.attach_bottleneck_injection(cfg)
 
-    def body(self, x: Tensor) -> Tensor:
-        h = self.intro(x)
-        skips = []
-        for encoder, down in zip(self.encoders, self.downs):
-            h = encoder(h)
-            skips.append(h)
-            h = down(h)
-        h = self.middle(h)
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
-            h = decoder(up(h, skip))
-        return self.ending(h)
+    def merge(self, up: nn.Module, h: Tensor, skip: Tensor) -> Tensor:
+        return up(h, skip)
