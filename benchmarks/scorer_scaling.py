@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
         header("Labelling throughput (teacher -> scorers -> bank) with 1 and 2 scorer actors", args.fast, [
             (f"ray {ray.__version__}, cluster CPUs {ray.cluster_resources().get('CPU')}; {n_images} images of "
             f"{size} px per pass, batches of {args.batch}; metrics brisque/niqe/piqe + {args.grid}x{args.grid} "
-            f"block maps ({size // args.grid} px blocks); tiny teacher (smoke NAFNet); {warmup} warm-up + "
+            f"block maps ({size // args.grid} px blocks); tiny teacher (width-4 one-level NAFNet); {warmup} warm-up + "
             f"{reps} timed passes each, median"),
         ])
         labellers, states, cfgs = {}, {}, {}
