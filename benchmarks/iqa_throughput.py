@@ -4,8 +4,10 @@ Same metrics (BRISQUE, NIQE, PIQE, weights 0.4/0.3/0.3), same images (photos bun
 scikit-image at 288 px), same 3x3 block grid (96 px blocks, so NIQE scores blocks too):
 
 * batched (what `services.scorer.ScorerWorker.process` does): `IQAEnsemble.score` on the
-  whole batch (one call per metric), then `IQAEnsemble.block_scores`, which unfolds every
-  block of every image into one batch (one more call per metric);
+  whole batch, then `IQAEnsemble.block_scores`, which unfolds every block of every image
+  into one batch; each metric call takes at most `iqa.max_batch_pixels` pixels (the
+  quickstart config's 262144: 3 images or 27 blocks at 288 px), as the scorer's does;
+* one call per metric (informational): the same without a pixel limit;
 * reference (the authors' release): one image at a time, its global score one call per
   metric, then its blocks scored in a Python loop, one call per block and metric.
 
@@ -17,6 +19,8 @@ images/s reference. Target: at least 3x.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from benchmarks.common import (
@@ -27,6 +31,7 @@ from benchmarks.common import (
     iqa_weights_dir,
     make_parser,
     print_table,
+    repo_root,
     reps_and_warmup,
     sample_images,
     to_batch,
@@ -40,15 +45,6 @@ def batched_path(ensemble, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, to
     """(ensemble (N,), block scores (N, grid, grid)) the way the scorer computes them."""
     scores = ensemble.score(x)
     return scores.ensemble, ensemble.block_scores(x, grid)
-
-
-def chunked_path(ensemble, x: torch.Tensor, grid: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batched path with each metric call limited to `chunk` images (`chunk * grid**2`
-    blocks): not what the scorer does today; shown because big batches make the
-    compute-bound metrics slower per image (cache), see the per-metric table."""
-    totals = [ensemble.score(x[i:i + chunk]).ensemble for i in range(0, x.shape[0], chunk)]
-    blocks = [ensemble.block_scores(x[i:i + chunk], grid) for i in range(0, x.shape[0], chunk)]
-    return torch.cat(totals), torch.cat(blocks)
 
 
 def reference_path(ensemble, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,24 +94,29 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--images", type=int, default=None, help="images per call (default 12, fast 1)")
     parser.add_argument("--size", type=int, default=288)
     parser.add_argument("--grid", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=3, help="images per call of the informational chunked way")
+    parser.add_argument("--config", default=str(repo_root() / "configs" / "quickstart.yaml"),
+                        help="the scorer's config: its iqa.max_batch_pixels")
     args = parser.parse_args(argv)
     apply_threads(args)
     reps, warmup = reps_and_warmup(args, full=(5, 1), fast=(1, 0))
     n = args.images or (1 if args.fast else 12)
 
+    from qualiteacher.config import load_config
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
-    ensemble = IQAEnsemble(METRICS, iqa_weights_dir(), "cpu")
+    max_pixels = load_config(args.config).iqa.max_batch_pixels
+    ensemble = IQAEnsemble(METRICS, iqa_weights_dir(), "cpu", max_batch_pixels=max_pixels)
+    one_call = copy.copy(ensemble)  # the same loaded metrics, no pixel limit
+    one_call.max_batch_pixels = None
     x = to_batch(sample_images(n, args.size))
     block = args.size // args.grid
     header("IQA scoring + block weight maps: batched (scorer) vs per image, per block (reference)", args.fast, [
         (f"metrics {METRICS}; {n} images of {args.size} px; grid {args.grid}x{args.grid} "
         f"({block} px blocks, block metrics {ensemble.block_metric_names(block)}); "
+        f"scorer path: at most {max_pixels} pixels per metric call (iqa.max_batch_pixels of {args.config}); "
         f"{warmup} warm-up + {reps} timed repetitions each, median"),
     ])
 
-    chunk = min(args.chunk, n)
     n_block_metrics = len(ensemble.block_metric_names(block))
     outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -124,24 +125,25 @@ def main(argv: list[str] | None = None) -> float:
             outputs[name] = fn()
         return run
 
-    batched, reference, chunked = "batched (scorer path)", "reference (loop)", f"batched, {chunk} images/call (info)"
+    batched, reference, single = "batched (scorer path)", "reference (loop)", "batched, one call per metric (info)"
     ways = {
         batched: keep(batched, lambda: batched_path(ensemble, x, args.grid)),
         reference: keep(reference, lambda: reference_path(ensemble, x, args.grid)),
     }
     if not args.fast:
-        ways[chunked] = keep(chunked, lambda: chunked_path(ensemble, x, args.grid, chunk))
+        ways[single] = keep(single, lambda: batched_path(one_call, x, args.grid))
     timings = compare(ways, reps=reps, warmup=warmup)
-    n_chunks = -(-n // chunk)
-    calls = {batched: len(METRICS) + n_block_metrics,
+    per_call = max(1, (max_pixels or n * args.size ** 2) // args.size ** 2)
+    chunks = -(-n // per_call)
+    calls = {batched: chunks * (len(METRICS) + n_block_metrics),
              reference: n * (len(METRICS) + args.grid ** 2 * n_block_metrics),
-             chunked: n_chunks * (len(METRICS) + n_block_metrics)}
+             single: len(METRICS) + n_block_metrics}
     rows = []
     for name, t in timings.items():
         rows.append([name, calls[name], t.median * 1e3, t.spread, n / t.median, t.median * 1e3 / n])
     print_table(["way", "metric calls", "median ms", "min-max ms", "images/s", "ms/image"], rows)
     if not args.fast:
-        per_metric_table(ensemble, x, args.grid, reps=reps, warmup=warmup)
+        per_metric_table(one_call, x, args.grid, reps=reps, warmup=warmup)
 
     # Same work, same answers: the two ways must agree.
     (e_b, blocks_b), (e_r, blocks_r) = outputs[batched], outputs[reference]

@@ -20,6 +20,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -92,6 +93,58 @@ def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[
     state = load_training_state(resume)
     log.info("resuming: teacher version %d from %s", state["teacher_version"], resume)
     return init_state, state["ema"]["teacher"], int(state["teacher_version"])
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibrate_run(cfg: Config, run_dir: Path, unpaired_dir: Path, teacher_state: dict) -> Config:
+    """With `iqa.calibrate`, the config with `iqa.ranges` (and, with `drop.calibrate_keep`, the
+    drop thresholds) fitted to the teacher's pseudo-labels; see `qualiteacher.calibration`.
+
+    Fitted once per run folder and saved there: a resumed run reads the same file, so the
+    scores already in the bank stay comparable with new ones. Ranges set by hand win.
+    """
+    from qualiteacher.calibration import Calibration
+
+    if not cfg.iqa.calibrate:
+        return cfg
+    path = run_dir / CALIBRATION_FILE
+    if path.exists():
+        fitted = Calibration.load(path)
+    else:
+        fitted = _fit_calibration(cfg, unpaired_dir, teacher_state)
+        fitted.save(path)
+    ranges = {name: fitted.ranges[name] for name in cfg.iqa.metrics if name in fitted.ranges} | cfg.iqa.ranges
+    log.info("IQA ranges fitted on %d images (%s): %s", fitted.images, path,
+             ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
+    update = {"iqa": cfg.iqa.model_copy(update={"ranges": ranges})}
+    if cfg.drop.calibrate_keep is not None and fitted.tau_multi is not None:
+        log.info("drop thresholds fitted: tau_multi %.4g, tau_aug %.4g", fitted.tau_multi, fitted.tau_aug)
+        update["drop"] = cfg.drop.model_copy(update={"tau_multi": fitted.tau_multi, "tau_aug": fitted.tau_aug})
+    return cfg.model_copy(update=update)
+
+
+def _fit_calibration(cfg: Config, unpaired_dir: Path, teacher_state: dict):
+    from qualiteacher.calibration import calibrate
+    from qualiteacher.data.paired import UnpairedImages
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from qualiteacher.models.build import build_model
+
+    images = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size, max_pixels=cfg.data.max_image_pixels)
+    n = min(cfg.iqa.calibration_images, len(images.images))
+    picks = [images.images[i] for i in np.linspace(0, len(images.images) - 1, n).round().astype(int)]
+    ensemble = IQAEnsemble(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device)
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(teacher_state)
+    model.to(ensemble.device)
+    by_size: dict[tuple, list] = {}
+    for img in picks:  # images of one size share a batch
+        by_size.setdefault(img.shape, []).append(img)
+    batches = [torch.from_numpy(np.stack(group[i:i + 8])).permute(0, 3, 1, 2).float().div(255.0)
+               for group in by_size.values() for i in range(0, len(group), 8)]
+    return calibrate(ensemble, model, batches, tuple(cfg.labelling.augmentations),
+                     cfg.iqa.calibration_percentiles, cfg.drop.calibrate_keep)
 
 
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
@@ -201,6 +254,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         init_ray(cfg)
         data = prepare_data(cfg, run_dir)
         init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
+        cfg = calibrate_run(cfg, run_dir, data["unpaired"], teacher_state)
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
         progress = ProgressReporter(_bank(cfg, redis_url))
@@ -230,6 +284,8 @@ def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, sta
         "labelling": label_stats,
         "final_losses": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
         "mode": cfg.train.mode,
+        "iqa_ranges": {k: list(v) for k, v in cfg.iqa.ranges.items()},
+        "drop_thresholds": {"tau_multi": cfg.drop.tau_multi, "tau_aug": cfg.drop.tau_aug},
     }
     summary.update(bank_summary(cfg, redis_url))
     bank = _bank(cfg, redis_url)

@@ -53,6 +53,21 @@ class IQAConfig(Strict):
     block_grid: int = Field(3, ge=1, le=16, description="blocks per side for the weight map")
     # Floor of the block weight map, so a poor block is down-weighted, never ignored.
     min_block_weight: float = Field(0.1, ge=0.0, le=1.0)
+    # Min-max range per metric (raw units) for the normalisation of Eq. 4; a metric not
+    # listed keeps its registry range (e.g. BRISQUE 0-150). Filled by calibration when
+    # `calibrate` is on: the registry ranges are wide enough for any image, so on one data
+    # set every score lands in a narrow band and the score condition barely varies.
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    # Fit `ranges` to this run's data at the start: percentiles of the raw scores of the
+    # initial teacher's pseudo-labels of the unpaired inputs (qualiteacher.calibration);
+    # saved in the run folder (calibration.json) and reused on resume.
+    calibrate: bool = False
+    # Pixels per metric call at most (a batch, or the unfolded blocks of a batch, is split
+    # into chunks). On a CPU a few images per call beat one call for everything (the
+    # intermediate data stays in cache); on a GPU it bounds memory. None: one call.
+    max_batch_pixels: int | None = Field(None, ge=1)
+    calibration_images: int = Field(64, ge=2)
+    calibration_percentiles: tuple[float, float] = (2.0, 98.0)
 
     @field_validator("metrics")
     @classmethod
@@ -70,6 +85,25 @@ class IQAConfig(Strict):
             raise ValueError("metric weights must not all be zero")
         return metrics
 
+    @field_validator("ranges")
+    @classmethod
+    def _valid_ranges(cls, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        from qualiteacher.iqa.registry import METRICS
+
+        for name, (low, high) in ranges.items():
+            if name not in METRICS:
+                raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
+            if not low < high:
+                raise ValueError(f"range of {name!r} must have low < high, got [{low}, {high}]")
+        return ranges
+
+    @field_validator("calibration_percentiles")
+    @classmethod
+    def _valid_percentiles(cls, p: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= p[0] < p[1] <= 100.0:
+            raise ValueError(f"need 0 <= low < high <= 100, got {list(p)}")
+        return p
+
 
 class DropConfig(Strict):
     enabled: bool = True
@@ -77,6 +111,10 @@ class DropConfig(Strict):
     tau_multi: float = Field(0.03, ge=0.0)
     # Drop 2: max spread (max - min) of one metric's normalised score across the PLs.
     tau_aug: float = Field(0.15, ge=0.0)
+    # With iqa.calibrate: replace tau_multi / tau_aug by thresholds that keep this fraction
+    # of the calibration PL sets on each criterion (the thresholds live on the scale of the
+    # normalised scores, which calibration changes). None keeps the values above.
+    calibrate_keep: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class GatingConfig(Strict):
@@ -114,6 +152,11 @@ class PreferenceConfig(Strict):
     weight_anchor: float = Field(0.5, ge=0)  # L2
     weight_identity: float = Field(0.005, ge=0)  # L3
     low_scores: list[float] = Field(default_factory=lambda: [4.0, 5.0, 6.0])
+    # Let L1's gradient reach the low-score output too. Off, L1 only lifts y_high above a
+    # fixed y_low: with a metric reward, pushing y_low down is the easy way to win the
+    # margin (the student learns adversarial textures at the low scores that wreck the
+    # metrics while PSNR hardly moves), which breaks controllability.
+    low_gradient: bool = True
     warmup_steps: int = Field(2000, ge=0)
 
 
@@ -190,7 +233,7 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     worker_resources: Resources = Field(default_factory=lambda: Resources(num_cpus=1.0))
     batch_size: int = Field(4, ge=1, description="paired samples per worker and step")
-    bank_batch_size: int = Field(4, ge=1, description="bank samples per worker and step")
+    bank_batch_size: int = Field(4, ge=1, description="bank images per worker and step, each with all its PLs")
     lr: float = Field(2e-4, gt=0)
     push_every: int = Field(10, ge=1, description="steps between EMA pushes to the teachers")
     checkpoint_every: int = Field(20, ge=1)

@@ -35,6 +35,10 @@ BAD_YAML = {
     "negative_weight": ("iqa:\n  metrics: {brisque: -1}\n", "iqa.metrics", "must be >= 0"),
     "unknown_metric": ("iqa:\n  metrics: {musiqq: 1}\n", "iqa.metrics", "unknown metric 'musiqq'"),
     "bad_prefix": ("redis:\n  prefix: 'a:b'\n", "redis.prefix", "should match pattern"),
+    "bad_range": ("iqa:\n  ranges: {niqe: [9, 3]}\n", "iqa.ranges", "low < high"),
+    "range_unknown_metric": ("iqa:\n  ranges: {nqie: [0, 1]}\n", "iqa.ranges", "unknown metric 'nqie'"),
+    "bad_percentiles": ("iqa:\n  calibration_percentiles: [50, 10]\n", "iqa.calibration_percentiles", "low < high"),
+    "bad_keep": ("drop:\n  calibrate_keep: 0\n", "drop.calibrate_keep", "greater than 0"),
     "inconsistent": ("model:\n  enc_blocks: [1, 1]\n  dec_blocks: [1]\n", "model", "same length"),
 }
 

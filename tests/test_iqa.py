@@ -87,6 +87,28 @@ def test_batch_scoring_matches_single(offline_ensemble, calibration_dir):
             assert abs(batched[name][i].item() - single[name].item()) < 1e-3 * max(1, abs(single[name].item()))
 
 
+def test_pixel_limited_calls_give_the_same_scores(offline_ensemble, calibration_dir):
+    """`max_batch_pixels` splits each metric call into chunks; the scores do not change."""
+    import copy
+
+    images = torch.cat([to_tensor(read_image(calibration_dir / f"{n}.bmp"))[:, :, :192, :192]
+                        for n in ("I03", "I04", "I08", "I19")])
+    limited = copy.copy(offline_ensemble)
+    limited.max_batch_pixels = 2 * 192 * 192 + 5  # 2 images per call; 8 blocks of 96 px
+    calls = []
+    model = limited.models["piqe"]
+    hook = model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        chunked, blocks_chunked = limited.raw_scores(images), limited.block_scores(images, grid=2)
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 8, 8]
+    whole, blocks_whole = offline_ensemble.raw_scores(images), offline_ensemble.block_scores(images, grid=2)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-3, atol=1e-4)  # batch-size rounding
+    torch.testing.assert_close(blocks_chunked, blocks_whole, rtol=1e-4, atol=1e-4)
+
+
 def test_block_weight_map_marks_corrupted_quadrant(offline_ensemble, calibration_dir):
     x = to_tensor(read_image(calibration_dir / "I04.bmp"))[:, :, :256, :256].clone()
     gen = torch.Generator().manual_seed(0)

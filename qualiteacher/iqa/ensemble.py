@@ -8,9 +8,11 @@ into one batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +28,12 @@ def normalize_score(spec: MetricSpec, raw: torch.Tensor) -> torch.Tensor:
     """Clip to the metric's range, min-max to [0, 1], invert lower-is-better metrics."""
     unit = (raw.clamp(spec.low, spec.high) - spec.low) / (spec.high - spec.low)
     return 1.0 - unit if spec.lower_better else unit
+
+
+def _with_ranges(specs: dict[str, MetricSpec],
+                 ranges: Mapping[str, tuple[float, float]] | None) -> dict[str, MetricSpec]:
+    return {name: replace(spec, low=float(ranges[name][0]), high=float(ranges[name][1]))
+            if ranges and name in ranges else spec for name, spec in specs.items()}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,17 +88,36 @@ class EnsembleScores:
 class IQAEnsemble:
     """A weighted ensemble of pyiqa NR metrics, loaded once and reused."""
 
-    def __init__(self, metric_weights: dict[str, float], weights_dir: Path, device: str = "auto"):
+    def __init__(self, metric_weights: dict[str, float], weights_dir: Path, device: str = "auto",
+                 ranges: Mapping[str, tuple[float, float]] | None = None,
+                 max_batch_pixels: int | None = None):
+        """`ranges`: metric -> (low, high) raw range for normalisation, replacing the
+        registry's range for the metrics listed (see `qualiteacher.calibration`).
+        `max_batch_pixels`: split a metric call into chunks of at most this many pixels
+        (None: one call for the whole batch)."""
+        self.max_batch_pixels = max_batch_pixels
         total = sum(metric_weights.values())
         self.weights = {name: w / total for name, w in metric_weights.items()}
-        self.specs = {name: get_spec(name) for name in metric_weights}
+        self.specs = _with_ranges({name: get_spec(name) for name in metric_weights}, ranges)
         self.device = resolve_device(device)
         self.models = {name: load_metric(spec, weights_dir, self.device) for name, spec in self.specs.items()}
 
     @classmethod
     def from_config(cls, cfg) -> IQAEnsemble:
         """Build from a `Config` (uses cfg.iqa and cfg.paths)."""
-        return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device)
+        return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device, cfg.iqa.ranges,
+                   cfg.iqa.max_batch_pixels)
+
+    def with_ranges(self, ranges: Mapping[str, tuple[float, float]]) -> IQAEnsemble:
+        """The same loaded metrics, normalised with other ranges."""
+        other = copy.copy(self)
+        other.specs = _with_ranges(self.specs, ranges)
+        return other
+
+    @property
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """The (low, high) normalisation range of every metric in use."""
+        return {name: (spec.low, spec.high) for name, spec in self.specs.items()}
 
     @property
     def names(self) -> list[str]:
@@ -104,7 +131,11 @@ class IQAEnsemble:
     @torch.no_grad()
     def raw_scores(self, x: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         x = x.to(self.device, torch.float32).clamp(0, 1)
-        return {n: self.models[n](x).reshape(-1).float().cpu() for n in (names or self.names)}
+        step = x.shape[0]
+        if self.max_batch_pixels:
+            step = max(1, self.max_batch_pixels // (x.shape[-2] * x.shape[-1]))
+        return {n: torch.cat([self.models[n](x[i:i + step]).reshape(-1).float().cpu()
+                              for i in range(0, x.shape[0], step)]) for n in (names or self.names)}
 
     def normalize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: normalize_score(self.specs[n], v) for n, v in raw.items()}
@@ -127,7 +158,8 @@ class IQAEnsemble:
     def block_scores(self, x: torch.Tensor, grid: int) -> torch.Tensor:
         """Ensemble score in [0, 1] of each block of a grid x grid split: (N, grid, grid).
 
-        All blocks of all images are unfolded into one batch: one call per metric.
+        All blocks of all images are unfolded into one batch: one call per metric (or per
+        `max_batch_pixels` chunk).
         Metrics that cannot score a block of that size are left out (weights renormalised);
         if none can, every block scores 1 (a uniform map).
         """
