@@ -1,7 +1,9 @@
 """The Ray Train student loop: bank pseudo-labels + paired data -> every loss -> EMA -> push.
 
 Each rank draws its own bank samples (Ray Data is bounded-only, the bank is not), and every
-rank runs exactly `train.steps` steps, so collective calls always line up. Gradients are
+rank runs exactly `train.steps` steps, so collective calls always line up. A bank sample is
+an image with all its PLs on one crop; one shared forward restores it at every PL's level
+and at the two scores of Eq. 8 (the encoder runs once per image, `restore_conditions`). Gradients are
 averaged with one flat all-reduce after backward instead of a DDP wrapper: a step runs the
 student several times (pixel, preference at two scores, cropped consistency) and a manual
 all-reduce is correct for any number of forwards.
@@ -31,10 +33,10 @@ from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
 from qualiteacher.losses.consistency import cropped_consistency_loss
 from qualiteacher.losses.pixel import block_weighted_l1, l1
-from qualiteacher.losses.preference import preference_step
+from qualiteacher.losses.preference import preference_terms, sample_low_scores
 from qualiteacher.method.ema import EMA
 from qualiteacher.models.build import build_model
-from qualiteacher.models.injection import injection_snapshot
+from qualiteacher.models.injection import injection_snapshot, restore_conditions
 from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank, decode_image, decode_weights
 from services.names import LABELLER
@@ -97,40 +99,50 @@ class BankBatches:
         return True
 
     def sample(self, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
-        """A bank batch, or None when the bank is empty or Redis is unreachable (the step
-        then trains on paired data only; the client already retried with backoff)."""
+        """`n` bank images, each with all its PLs (the input and its PLs share one crop box),
+        or None when the bank is empty or Redis is unreachable (the step then trains on
+        paired data only; the client already retried with backoff).
+
+        x [M, 3, c, c]; pl [M, K, 3, c, c]; weights [M, K, 1, c, c]; level [M, K];
+        mask [M, K] (False on the padding slots of images with fewer than K PLs);
+        q_min [M] (the teacher's poorest PL of the image, the anchor of Eq. 8).
+        """
         try:
-            entries = self.bank.sample(n, self.rng)
-            inputs = self.inputs.get_many({e.image_id for e in entries})
+            sets = self.bank.sample_sets(n, self.rng)
+            inputs = self.inputs.get_many({entries[0].image_id for entries in sets})
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("bank unreachable (%s); this step uses paired data only", type(exc).__name__)
             return None
-        rows = [(e, inputs[e.image_id]) for e in entries if e.image_id in inputs]
-        if not rows:
+        sets = [entries for entries in sets if entries[0].image_id in inputs]
+        if not sets:
             return None
-        xs, pls, maps = [], [], []
-        for entry, image in rows:
-            pl = decode_image(entry.image)
-            x, y, w = self._aligned_crop(image, pl, decode_weights(entry.weights))
-            xs.append(x), pls.append(y), maps.append(w)
-        return {
-            "x": torch.stack(xs).to(device),
-            "pl": torch.stack(pls).to(device),
-            "weights": torch.stack(maps).to(device),
-            "level": torch.tensor([min(e.level, self.cap) for e, _ in rows], device=device),
-            "q_min": torch.tensor([e.teacher_q_min for e, _ in rows], device=device),
-        }
+        k = max(len(entries) for entries in sets)
+        rows = [self._image_rows(inputs[entries[0].image_id], entries, k) for entries in sets]
+        batch = {key: torch.stack([row[key] for row in rows]).to(device) for key in rows[0]}
+        return batch
 
-    def _aligned_crop(self, image: np.ndarray, pl: np.ndarray, grid: np.ndarray):
+    def _image_rows(self, image: np.ndarray, entries: list, k: int) -> dict[str, torch.Tensor]:
         x = torch.tensor(image).permute(2, 0, 1).float() / 255.0
-        y = torch.tensor(pl).permute(2, 0, 1).float() / 255.0
         h, w = x.shape[-2:]
-        wmap = torch.ones(1, h, w) if grid.size == 0 else F.interpolate(
-            torch.from_numpy(grid)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
         c = min(self.crop, h, w)
         top, left = int(self.rng.integers(0, h - c + 1)), int(self.rng.integers(0, w - c + 1))
         box = (slice(None), slice(top, top + c), slice(left, left + c))
-        return x[box], y[box], wmap[box]
+        pls, maps = [], []
+        for entry in entries:
+            pl = torch.tensor(decode_image(entry.image)).permute(2, 0, 1).float() / 255.0
+            grid = decode_weights(entry.weights)
+            wmap = torch.ones(1, h, w) if grid.size == 0 else F.interpolate(
+                torch.from_numpy(grid)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            pls.append(pl[box]), maps.append(wmap[box])
+        pad = k - len(entries)  # padding slots repeat the best PL and are masked out of the loss
+        return {
+            "x": x[box],
+            "pl": torch.stack(pls + [pls[0]] * pad),
+            "weights": torch.stack(maps + [maps[0]] * pad),
+            "level": torch.tensor([min(e.level, self.cap) for e in entries] + [self.cap] * pad),
+            "mask": torch.tensor([True] * len(entries) + [False] * pad),
+            "q_min": torch.tensor(min(e.teacher_q_min for e in entries)),
+        }
 
 
 def _save_checkpoint(model, ema, opt, step, version, cfg) -> ray.train.Checkpoint:
@@ -246,38 +258,52 @@ def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_in
     out = {"supervised": l1(model(x_p, cfg.model.score_cap), y_p)}
     total = lc.supervised_weight * out["supervised"]
     batch = bank.sample(tc.bank_batch_size, device)
-    if batch is not None:
-        level = batch["level"] if cfg.model.score_condition else None
-        pred = model(batch["x"], level)
-        out["pixel"] = block_weighted_l1(pred, batch["pl"], batch["weights"])
-        total = total + lc.pixel_weight * out["pixel"]
-        if perceptual is not None:
-            out["perceptual"] = perceptual(pred, batch["pl"])
-            total = total + lc.perceptual_weight * out["perceptual"]
-        if reward is not None and step >= lc.preference.warmup_steps:
-            try:
-                total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out)
-            except (torch.linalg.LinAlgError, AssertionError) as exc:
-                # pyiqa's NIQE / BRISQUE are undefined on a flat (zero-variance) image: NIQE's
-                # pinv gets NaN, BRISQUE asserts. Raising here would kill the worker, and the
-                # restart would replay the same batch until max_failures: skip these terms once.
-                log.warning("step %d: reward undefined on this bank batch (%s: %s); preference and "
-                            "consistency losses skipped for this step", step, type(exc).__name__,
-                            str(exc).splitlines()[0][:120])
+    if batch is None:
+        out["total"] = total
+        return out
+    methods = reward is not None and step >= lc.preference.warmup_steps
+    preference = methods and lc.preference.enabled and cfg.model.score_condition
+    # One shared forward: each image at every PL's level, and for Eq. 8 also at 7 and s_low.
+    k = batch["level"].shape[1]
+    conditions = [batch["level"]]
+    s_low = None
+    if preference:
+        s_low = sample_low_scores(batch["x"].shape[0], lc.preference.low_scores, gen).to(device)
+        conditions += [torch.full_like(s_low, cfg.model.score_cap)[:, None], s_low[:, None]]
+    y = restore_conditions(model, batch["x"], torch.cat(conditions, dim=1))
+    mask = batch["mask"]
+    pred, pl = y[:, :k][mask], batch["pl"][mask]
+    out["pixel"] = block_weighted_l1(pred, pl, batch["weights"][mask])
+    total = total + lc.pixel_weight * out["pixel"]
+    if perceptual is not None:
+        out["perceptual"] = perceptual(pred, pl)
+        total = total + lc.perceptual_weight * out["perceptual"]
+    if methods:
+        y_pair = (y[:, k], y[:, k + 1], s_low) if preference else None
+        try:
+            total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out, y_pair)
+        except (torch.linalg.LinAlgError, AssertionError) as exc:
+            # pyiqa's NIQE / BRISQUE are undefined on a flat (zero-variance) image: NIQE's
+            # pinv gets NaN, BRISQUE asserts. Raising here would kill the worker, and the
+            # restart would replay the same batch until max_failures: skip these terms once.
+            log.warning("step %d: reward undefined on this bank batch (%s: %s); preference and "
+                        "consistency losses skipped for this step", step, type(exc).__name__,
+                        str(exc).splitlines()[0][:120])
     out["total"] = total
     return out
 
 
-def _method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict) -> torch.Tensor:
+def _method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict, y_pair) -> torch.Tensor:
+    """Eq. 8 (from the shared forward's y_high, y_low) and Eq. 9."""
     lc = cfg.loss
     total = torch.zeros((), device=batch["x"].device)
     y_high = None
-    if lc.preference.enabled and cfg.model.score_condition:
-        pref, outputs = preference_step(model, batch["x"], reward, batch["q_min"], lc.preference,
-                                        generator=gen, initial=initial_injection, high_score=cfg.model.score_cap)
+    if y_pair is not None:
+        y_high, y_low, s_low = y_pair
+        pref, _ = preference_terms(y_high, y_low, s_low, reward, batch["q_min"], lc.preference,
+                                   model, initial_injection)
         out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
         total = total + pref["total"]
-        y_high = outputs["y_high"]
     if lc.consistency.enabled:
         out["consistency"] = cropped_consistency_loss(model, batch["x"], reward, lc.consistency.crop_area,
                                                       generator=gen, score=cfg.model.score_cap,

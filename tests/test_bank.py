@@ -390,6 +390,22 @@ def test_sample_uniform_over_images(bank):
     assert [e.label_id for e in bank.sample(5, random.Random(7))] == [e.label_id for e in bank.sample(5, random.Random(7))]
 
 
+def test_sample_sets_returns_whole_banks_uniform_over_images(bank):
+    assert bank.sample_sets(3, random.Random(0)) == []
+    bank.gate("one", [entry("one", "a", 5.0)])
+    bank.gate("three", [entry("three", x, s) for x, s in zip("abcd", (4.0, 6.0, 5.0, 1.0))])
+    got = bank.sample_sets(2000, np.random.default_rng(1))
+    assert len(got) == 2000
+    for entries in got:  # every set is one image's whole bank, best first, same as entries()
+        assert [e.SerializeToString() for e in entries] == \
+            [e.SerializeToString() for e in bank.entries(entries[0].image_id)]
+    three = next(s for s in got if s[0].image_id == "three")
+    assert [e.label_id for e in three] == ["b", "c", "a"]  # top-3 of 4, best first
+    assert abs(Counter(s[0].image_id for s in got)["one"] / 2000 - 0.5) < 0.05
+    again = [[e.label_id for e in s] for s in bank.sample_sets(5, random.Random(7))]
+    assert again == [[e.label_id for e in s] for s in bank.sample_sets(5, random.Random(7))]
+
+
 @pytest.mark.parametrize("shape", [(5, 7), (5, 7, 1), (5, 7, 3), (5, 7, 4)])
 @pytest.mark.parametrize("fmt", ["png", "raw"])
 def test_image_roundtrip(shape, fmt):

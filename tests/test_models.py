@@ -12,6 +12,7 @@ from qualiteacher.models.injection import (
     attach_score_injection,
     clamp_score,
     injection_parameters,
+    restore_conditions,
     score_context,
     sinusoidal_embedding,
 )
@@ -209,3 +210,44 @@ def test_score_injection_zero_init_module():
     inj = ScoreInjection(channels=4, num_frequencies=3)
     f = torch.randn(2, 4, 5, 5)
     assert torch.equal(inj(f, torch.tensor([1.0, 9.0])), f)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_restore_conditions_equals_one_forward_per_condition(arch):
+    """The shared-encoder forward gives, for every (input, condition), the plain forward's
+    output, and the same gradients."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg(arch))
+    perturb(model)
+    x = image(37, 53, n=2)
+    scores = torch.tensor([[7.0, 2.0, 4.5], [0.0, 9.0, 6.0]])  # 9 is above the cap: merged into 7
+    shared = restore_conditions(model, x, scores)
+    assert shared.shape == (2, 3, 3, 37, 53)
+    plain = torch.stack([torch.stack([model(x[i:i + 1], scores[i, j:j + 1])[0] for j in range(3)])
+                         for i in range(2)])
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert (shared[0, 0] - shared[0, 1]).abs().max() > 1e-4  # the condition matters
+    torch.testing.assert_close(shared[1, 1], model(x[1:2], 7.0)[0], rtol=1e-5, atol=1e-5)
+    weights = torch.rand_like(shared)
+    grad_shared = torch.autograd.grad((shared * weights).sum(), list(model.parameters()))
+    grad_plain = torch.autograd.grad((plain * weights).sum(), list(model.parameters()))
+    for a, b in zip(grad_shared, grad_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_restore_conditions_on_any_backbone_and_without_injection():
+    torch.manual_seed(0)
+    toy = Toy()
+    injections = attach_score_injection(toy, ["features.2"], num_frequencies=4, max_score=10.0)
+    with torch.no_grad():
+        nn.init.normal_(injections["features__2"].mlp[-1].weight)
+    x = image(16, 16)
+    scores = torch.tensor([[3.0, 7.0], [5.0, 5.0]])
+    out = restore_conditions(toy, x, scores)
+    with score_context(toy, torch.tensor([7.0])):
+        expected = toy(x[:1])
+    torch.testing.assert_close(out[0, 1], expected[0])
+    assert (out[0, 0] - out[0, 1]).abs().max() > 1e-4
+    plain = build_model(small_cfg("nafnet", condition=False))
+    same = restore_conditions(plain, x, scores)
+    assert torch.equal(same[:, 0], same[:, 1]) and torch.allclose(same[:, 0], plain(x))

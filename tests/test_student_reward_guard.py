@@ -21,9 +21,9 @@ class _Paired:
 
 class _FlatBank:
     def sample(self, n, device):
-        return {"x": torch.full((n, 3, 96, 96), 0.5), "pl": torch.full((n, 3, 96, 96), 0.5),
-                "weights": torch.ones(n, 1, 96, 96), "level": torch.full((n,), 7.0),
-                "q_min": torch.zeros(n)}
+        return {"x": torch.full((n, 3, 96, 96), 0.5), "pl": torch.full((n, 2, 3, 96, 96), 0.5),
+                "weights": torch.ones(n, 2, 1, 96, 96), "level": torch.full((n, 2), 7.0),
+                "mask": torch.ones(n, 2, dtype=torch.bool), "q_min": torch.zeros(n)}
 
 
 def test_flat_bank_batch_skips_reward_terms(weights_dir):

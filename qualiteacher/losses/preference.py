@@ -75,30 +75,41 @@ def preference_step(
     initial: dict[str, Tensor] | None = None,
     high_score: float = 7.0,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """y_h = S(x, high_score) and y_l = S(x, s_low) in one batched forward.
+    """y_h = S(x, high_score) and y_l = S(x, s_low) in one batched forward, then
+    `preference_terms`. (The student gets y_h and y_l from its shared forward instead.)"""
+    n = x.shape[0]
+    s_low = sample_low_scores(n, cfg.low_scores, generator).to(x.device)
+    scores = torch.cat([torch.full((n,), high_score, device=x.device), s_low])
+    y = model(torch.cat([x, x]), scores)
+    return preference_terms(y[:n], y[n:], s_low, reward_fn, q_min_teacher, cfg, model, initial)
+
+
+def preference_terms(
+    y_high: Tensor,
+    y_low: Tensor,
+    s_low: Tensor,
+    reward_fn: RewardFn,
+    q_min_teacher: Tensor | float,
+    cfg: PreferenceConfig,
+    model: nn.Module | None = None,
+    initial: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Eq. 8 from the student's outputs at the high score and at s_low (one reward call).
 
     Returns (losses, outputs). losses: rank, anchor, (identity when `initial` is given)
     and total = weighted sum with the config's weights. outputs: y_high, y_low, s_low,
     q_high, q_low (y_high can be reused, e.g. by the consistency loss).
     """
-    n = x.shape[0]
-    s_low = sample_low_scores(n, cfg.low_scores, generator).to(x.device)
-    scores = torch.cat([torch.full((n,), high_score, device=x.device), s_low])
-    y = model(torch.cat([x, x]), scores)
-    q = reward_fn(y)
-    y_high, y_low = y[:n], y[n:]
+    n = y_high.shape[0]
+    q = reward_fn(torch.cat([y_high, y_low]))
     q_high, q_low = q[:n], q[n:]
+    if not cfg.low_gradient:
+        q_low = q_low.detach()
     losses = preference_loss(q_high, q_low, q_min_teacher, cfg.beta, cfg.margin)
     total = cfg.weight_rank * losses["rank"] + cfg.weight_anchor * losses["anchor"]
     if initial is not None:
         losses["identity"] = identity_loss(model, initial)
         total = total + cfg.weight_identity * losses["identity"]
     losses["total"] = total
-    outputs = {
-        "y_high": y_high,
-        "y_low": y_low,
-        "s_low": s_low,
-        "q_high": q_high,
-        "q_low": q_low,
-    }
+    outputs = {"y_high": y_high, "y_low": y_low, "s_low": s_low, "q_high": q_high, "q_low": q_low}
     return losses, outputs

@@ -252,6 +252,26 @@ def injection_snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in injection_parameters(model).items()}
 
 
+def restore_conditions(model: nn.Module, x: Tensor, scores: Tensor) -> Tensor:
+    """x [N, C, H, W] restored under each of K conditions, scores [N, K] -> [N, K, C, H, W].
+
+    Networks with a condition-free encoder (`ConditionedRestorer.forward_conditions`) run
+    it once per input; any other backbone with injection attached gets one batched call on
+    the inputs repeated K times, under `score_context`. Without score injection every
+    condition gives the same output, computed once.
+    """
+    n, k = scores.shape
+    core = unwrap(model)
+    if getattr(core, INJECTION_ATTR, None) is None:
+        return model(x).unsqueeze(1).expand(n, k, *x.shape[1:])
+    if hasattr(core, "forward_conditions"):
+        return core.forward_conditions(x, scores)
+    flat = scores.reshape(n * k).to(device=x.device, dtype=torch.float32)
+    with score_context(model, flat):  # any backbone with injection attached by name
+        out = model(x.repeat_interleave(k, 0))
+    return out.reshape(n, k, *out.shape[1:])
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad H and W at the bottom/right up to a multiple (crop back after)."""
     h, w = x.shape[-2:]
@@ -281,17 +301,48 @@ class ConditionedRestorer(nn.Module):
     def merge(self, up: nn.Module, h: Tensor, skip: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def body(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The condition-free part: everything before the bottleneck (and the skips)."""
         h = self.intro(x)
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             h = encoder(h)
             skips.append(h)
             h = down(h)
+        return h, skips
+
+    def decode(self, h: Tensor, skips: list[Tensor]) -> Tensor:
+        """The bottleneck (where the score is injected) and everything after it."""
         h = self.middle(h)
         for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
             h = decoder(self.merge(up, h, skip))
         return self.ending(h)
+
+    def body(self, x: Tensor) -> Tensor:
+        return self.decode(*self.encode(x))
+
+    def forward_conditions(self, x: Tensor, scores: Tensor) -> Tensor:
+        """Restore each of N inputs under K conditions: x [N, C, H, W], scores [N, K] ->
+        [N, K, C, H, W], equal to `forward(x_i, scores[i, k])` for every pair.
+
+        The score enters at the bottleneck, so the encoder runs once per input and only the
+        bottleneck and decoder run K times: a training step that needs an image at its
+        label's score, at 7 and at a low score (pixel loss + Eq. 8) pays for one encoder.
+        """
+        n, k = scores.shape
+        if n != x.shape[0]:
+            raise ValueError(f"scores must be [{x.shape[0]}, K], got {tuple(scores.shape)}")
+        h_in, w_in = x.shape[-2:]
+        h, skips = self.encode(pad_to_multiple(x, self.pad_multiple))
+        h, skips = h.repeat_interleave(k, 0), [s.repeat_interleave(k, 0) for s in skips]
+        flat = scores.reshape(n * k)
+        if getattr(self, INJECTION_ATTR, None) is None:
+            out = self.decode(h, skips)
+        else:
+            with score_context(self, as_score_tensor(flat, n * k, x.device, self.score_cap)):
+                out = self.decode(h, skips)
+        out = x.repeat_interleave(k, 0) + out[..., :h_in, :w_in]
+        return out.reshape(n, k, *out.shape[1:])
 
     def forward(self, x: Tensor, score: Tensor | float | None = None) -> Tensor:
         n, _, h, w = x.shape

@@ -211,6 +211,28 @@ end
 return out
 """
 
+# Uniform over images; each pick returns all of that image's entries, best first (one
+# atomic read per image, so a set never mixes two states of the bank).
+# ARGV[1] = key prefix, ARGV[2..] = uniforms in [0, 1). KEYS[1] = idx:lex.
+_SAMPLE_SETS_LUA = """
+local n_img = redis.call('ZCARD', KEYS[1])
+local out = {}
+if n_img == 0 then return out end
+local p = ARGV[1]
+for i = 2, #ARGV do
+  local a = math.floor(tonumber(ARGV[i]) * n_img)
+  if a >= n_img then a = n_img - 1 end
+  local img = redis.call('ZRANGE', KEYS[1], a, a)[1]
+  local set = {}
+  for _, label in ipairs(redis.call('ZRANGE', p .. ':img:' .. img .. ':rank', 0, -1)) do
+    local payload = redis.call('GET', p .. ':e:' .. img .. ':' .. label)
+    if payload then set[#set + 1] = payload end
+  end
+  if #set > 0 then out[#out + 1] = set end
+end
+return out
+"""
+
 # A page of images: {image, -best score, count, ...}. KEYS: idx:best, idx:lex, idx:recent.
 # ARGV: key prefix, mode, offset, limit.
 _LIST_LUA = """
@@ -264,6 +286,7 @@ class MemoryBank:
         self._gate = client.register_script(_load_lua("gate.lua"))
         self._entries = client.register_script(_ENTRIES_LUA)
         self._sample = client.register_script(_SAMPLE_LUA)
+        self._sample_sets = client.register_script(_SAMPLE_SETS_LUA)
         self._list = client.register_script(_LIST_LUA)
 
     # ---------------------------------------------------------------- gate
@@ -353,6 +376,17 @@ class MemoryBank:
             args.append(repr(float(rng.random())))
         flat = self._sample(keys=[self.keys.idx_lex], args=args)
         return [pb.BankEntry.FromString(b) for b in flat]
+
+    def sample_sets(self, n: int, rng: _Uniform | None = None) -> list[list[pb.BankEntry]]:
+        """``n`` images drawn uniformly with replacement, each with all its entries, best
+        first (what a student needs to train one input at every label's score at once).
+        Returns fewer than ``n`` only when the bank is empty (then ``[]``)."""
+        rng = rng if rng is not None else random.Random()
+        if n <= 0:
+            return []
+        args = [self.prefix] + [repr(float(rng.random())) for _ in range(int(n))]
+        sets = self._sample_sets(keys=[self.keys.idx_lex], args=args)
+        return [[pb.BankEntry.FromString(b) for b in payloads] for payloads in sets]
 
     # ---------------------------------------------------------------- counters and meta
     def record_drop(self, reason: str, n: int = 1) -> int:

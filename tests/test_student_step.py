@@ -1,0 +1,117 @@
+"""The student's step computes each bank image at every PL's level, at 7 and at s_low from
+one shared forward (one encoder pass per image). It must equal the plain computation:
+one forward per (image, condition), padding slots left out, the same Eq. 8 terms."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from qualiteacher.config import load_config
+from qualiteacher.losses.pixel import block_weighted_l1, l1
+from qualiteacher.losses.preference import preference_loss, sample_low_scores
+from qualiteacher.models.build import build_model
+from qualiteacher.models.injection import injection_snapshot
+from services.student import _losses
+
+CROP = 32
+
+
+class _Paired:
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.rand(2, 3, CROP, CROP, generator=g), torch.rand(2, 3, CROP, CROP, generator=g)
+
+    def sample_batch(self, n, crop, rng):
+        return self.x, self.y
+
+
+class _Bank:
+    """Three images: two with 3 PLs, one with a single PL (two padding slots)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(2)
+        self.batch = {
+            "x": torch.rand(3, 3, CROP, CROP, generator=g),
+            "pl": torch.rand(3, 3, 3, CROP, CROP, generator=g),
+            "weights": 0.5 + torch.rand(3, 3, 1, CROP, CROP, generator=g),
+            "level": torch.tensor([[7.0, 5.5, 3.0], [6.0, 4.0, 2.5], [4.5, 7.0, 7.0]]),
+            "mask": torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
+            "q_min": torch.tensor([0.2, 0.4, 0.1]),
+        }
+
+    def sample(self, n, device):
+        return self.batch
+
+
+def _reward(y):  # smooth, differentiable, depends on every pixel: a stand-in metric
+    return y.mean(dim=(1, 2, 3)) - 0.5 * y.var(dim=(1, 2, 3))
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # non-zero injection so the conditions really differ
+        for name, p in model.named_parameters():
+            if "inject" in name or "score" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _reference(cfg, model, paired, batch, gen, initial):
+    """One forward per (image, condition); the same terms as the student's step."""
+    lc, cap = cfg.loss, cfg.model.score_cap
+    total = lc.supervised_weight * l1(model(paired.x, cap), paired.y)
+    preds, pls, maps = [], [], []
+    for i in range(3):
+        for j in range(3):
+            if batch["mask"][i, j]:
+                preds.append(model(batch["x"][i:i + 1], batch["level"][i, j:j + 1]))
+                pls.append(batch["pl"][i, j:j + 1]), maps.append(batch["weights"][i, j:j + 1])
+    total = total + lc.pixel_weight * block_weighted_l1(torch.cat(preds), torch.cat(pls), torch.cat(maps))
+    s_low = sample_low_scores(3, lc.preference.low_scores, gen)
+    y_high = torch.cat([model(batch["x"][i:i + 1], cap) for i in range(3)])
+    y_low = torch.cat([model(batch["x"][i:i + 1], s_low[i:i + 1]) for i in range(3)])
+    terms = preference_loss(_reward(y_high), _reward(y_low), batch["q_min"], lc.preference.beta,
+                            lc.preference.margin)
+    from qualiteacher.losses.preference import identity_loss
+
+    total = total + lc.preference.weight_rank * terms["rank"] + lc.preference.weight_anchor * terms["anchor"]
+    return total + lc.preference.weight_identity * identity_loss(model, initial)
+
+
+def test_shared_forward_step_equals_one_forward_per_condition():
+    cfg = load_config(None, [f"data.crop_size={CROP}", "loss.consistency.enabled=false",
+                             "loss.preference.warmup_steps=0"])
+    model = _model(cfg)
+    initial = injection_snapshot(model)
+    paired, bank = _Paired(), _Bank()
+    shared = _losses(cfg, model, paired, bank, _reward, np.random.default_rng(0),
+                     torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
+    assert {"pixel", "pref_rank", "pref_anchor", "pref_identity"} <= set(shared)
+    reference_model = copy.deepcopy(model)
+    reference = _reference(cfg, reference_model, paired, bank.batch, torch.Generator().manual_seed(5), initial)
+    torch.testing.assert_close(shared["total"], reference, rtol=1e-5, atol=1e-6)
+    shared["total"].backward()
+    reference.backward()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_slots_do_not_count():
+    cfg = load_config(None, [f"data.crop_size={CROP}", "loss.preference.enabled=false",
+                             "loss.consistency.enabled=false"])
+    model = _model(cfg)
+    bank = _Bank()
+    out = _losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+                  torch.device("cpu"), step=0, initial_injection=None)
+    bank.batch["pl"][2, 1:] = 1e3  # garbage in the padding slots changes nothing
+    again = _losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+                    torch.device("cpu"), step=0, initial_injection=None)
+    assert torch.equal(out["pixel"], again["pixel"])
+    bank.batch["pl"][2, 0] = 1e3  # the one real slot of image 2 does count
+    third = _losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+                    torch.device("cpu"), step=0, initial_injection=None)
+    assert third["pixel"] > 10 * out["pixel"]
