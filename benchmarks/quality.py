@@ -167,6 +167,7 @@ def evaluate(folder: Path, ensemble, gt_dir: Path | None) -> dict:
         else:
             item["ensemble"] = float(row["ensemble"])
             item["normalized"] = row["normalized"]
+            item["raw"] = row["raw"]
         if gt_dir is not None:
             item.update(reference_scores(read_image(folder / name), read_image(gt_dir / name)))
         per_image.append(item)
@@ -208,6 +209,29 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
         res = spearmanr(x, y)
     rho, p = float(res.statistic), float(res.pvalue)
     return {"rho": rho, "p_value": p}
+
+
+def calibrated_sweep(sweep: list[dict], common: set[str], ensemble, run_dir: Path) -> dict | None:
+    """The sweep's NR ensemble on the scale the condition was trained on: the run's fitted
+    ranges (its calibration.json). Secondary: the target uses the fixed ranges above, like
+    every other NR number of the report. Adds ``ensemble_calibrated`` to each point."""
+    import torch
+
+    from qualiteacher.calibration import Calibration
+
+    path = run_dir / "calibration.json"
+    if not path.exists() or not common:
+        return None
+    fitted = ensemble.with_ranges(Calibration.load(path).ranges)
+    for point in sweep:
+        values = []
+        for item in point["per_image"]:
+            if item["file"] in common:
+                raw = {m: torch.tensor([v]) for m, v in item["raw"].items()}
+                values.append(float(fitted.combine(fitted.normalize(raw))[0]) * 10)
+        point["ensemble_calibrated"] = float(np.mean(values))
+    curve = [p["ensemble_calibrated"] for p in sweep]
+    return spearman([p["score"] for p in sweep], curve) | {"ranges": {k: list(v) for k, v in fitted.ranges.items()}}
 
 
 def compare_methods(methods: dict[str, dict]) -> tuple[dict, bool]:
@@ -278,6 +302,7 @@ def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
     rho["per_image_median"] = float(np.median(finite)) if finite else float("nan")
     rho["images"] = len(common)
     rho["met"] = bool(np.isfinite(rho["rho"]) and rho["rho"] >= TARGET_SPEARMAN)
+    rho["calibrated"] = calibrated_sweep(sweep, common, ensemble, task_dir / "qualiteacher")
     comparisons, won = compare_methods(methods)
     result = {"methods": methods, "ground_truth": ground_truth, "sweep": sweep, "spearman": rho,
               "comparisons": comparisons, "won": won, "runs": runs,
@@ -560,10 +585,15 @@ def write_report(results: dict, out: Path) -> Path:
         lines += ["", (f"Task won: **{'yes' if res['won'] else 'no'}**. Controllability: Spearman rho "
                   f"{_f(sp['rho'], 3)} (p {_f(sp['p_value'], 4)}) between condition and mean NR ensemble "
                   f"over the {sp['images']} test images scorable at every condition; median per-image rho "
-                  f"{_f(sp['per_image_median'], 3)}."), "",
+                  f"{_f(sp['per_image_median'], 3)}."
+                  + (f" On the run's calibrated scale (what the condition was trained on; secondary): rho "
+                     f"{_f(sp['calibrated']['rho'], 3)}." if sp.get("calibrated") else "")), "",
                   "| condition | " + " | ".join(f"{s['score']:g}" for s in res["sweep"]) + " |",
                   "|---|" + "---:|" * len(res["sweep"]),
                   "| NR ensemble | " + " | ".join(_f(s["ensemble"]) for s in res["sweep"]) + " |",
+                  *(["| NR ensemble, run's calibrated ranges | "
+                     + " | ".join(_f(s["ensemble_calibrated"]) for s in res["sweep"]) + " |"]
+                    if sp.get("calibrated") else []),
                   "| PSNR (dB) | " + " | ".join(_f(s["psnr"]) for s in res["sweep"]) + " |",
                   "| SSIM | " + " | ".join(_f(s["ssim"], 3) for s in res["sweep"]) + " |",
                   "| NR unscorable | " + " | ".join(str(s["nr_failed"]) for s in res["sweep"]) + " |", ""]

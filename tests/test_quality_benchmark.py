@@ -40,6 +40,11 @@ def test_quality_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
     assert set(task["comparisons"]) == {"psnr_vs_teacher", "psnr_vs_baseline", "ensemble_vs_teacher",
                                         "ensemble_vs_baseline"}
     assert {"rho", "p_value", "met"} <= set(task["spearman"])
+    # The budget calibrates the run's score scale; the sweep is also read on that scale.
+    calibrated = task["spearman"]["calibrated"]
+    assert calibrated is not None and set(calibrated["ranges"]) == {"brisque", "niqe", "piqe"}
+    assert all(math.isfinite(s["ensemble_calibrated"]) for s in task["sweep"])
+    assert "run's calibrated ranges" in (out / "report.md").read_text()
     for mode in ("qualiteacher", "baseline"):
         assert task["runs"][mode]["steps"] == 4 and task["runs"][mode]["checkpoint"]
     assert isinstance(on_disk["tasks_won"], int) and on_disk["tasks_won"] == results["tasks_won"]

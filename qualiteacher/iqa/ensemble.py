@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import logging
 import sys
 from collections.abc import Mapping
@@ -28,6 +29,20 @@ def normalize_score(spec: MetricSpec, raw: torch.Tensor) -> torch.Tensor:
     """Clip to the metric's range, min-max to [0, 1], invert lower-is-better metrics."""
     unit = (raw.clamp(spec.low, spec.high) - spec.low) / (spec.high - spec.low)
     return 1.0 - unit if spec.lower_better else unit
+
+
+_TANH_1 = math.tanh(1.0)
+
+
+def soft_unit(u: torch.Tensor) -> torch.Tensor:
+    """A smooth, bounded stand-in for clip(u, 0, 1): 0 -> 0, 0.5 -> 0.5, 1 -> 1, slope 1.31
+    at 0.5 and 0.55 at the range ends, limits -0.16 and 1.16 far outside.
+
+    Why: a reward maximised by gradient ascent finds the inputs where a linear normalisation
+    explodes (a metric far outside its range, e.g. NIQE on an adversarial texture) and
+    then drowns every other loss; bounded, the most any metric can add is its range.
+    """
+    return 0.5 + 0.5 * torch.tanh(2.0 * (u - 0.5)) / _TANH_1
 
 
 def _with_ranges(specs: dict[str, MetricSpec],
@@ -189,8 +204,9 @@ class IQAEnsemble:
     def reward(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable ensemble quality in [0, 1] (N,), from the gradient-carrying metrics.
 
-        Calls the metric networks directly so gradients flow back to `x`. Clamping would
-        kill gradients at the range edges, so the normalisation here is linear (unclipped).
+        Calls the metric networks directly so gradients flow back to `x`. Each metric's
+        normalised score goes through `soft_unit`: about linear inside its range, bounded
+        outside, so no gradient dies at the range edges and no single metric can run away.
         """
         size = min(x.shape[-2:])
         names = [n for n in self.differentiable_names if self.specs[n].min_size <= size]
@@ -204,7 +220,7 @@ class IQAEnsemble:
     def quality_from_raw(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward's formula applied to raw scores already computed (e.g. by the scorer).
 
-        Only differentiable metrics count; normalisation is linear, so values may leave [0, 1].
+        Only differentiable metrics count; each normalised score is bounded by `soft_unit`.
         """
         normalized = {}
         for n, value in raw.items():
@@ -212,7 +228,7 @@ class IQAEnsemble:
                 continue
             spec = self.specs[n]
             unit = (value - spec.low) / (spec.high - spec.low)
-            normalized[n] = 1.0 - unit if spec.lower_better else unit
+            normalized[n] = soft_unit(1.0 - unit if spec.lower_better else unit)
         if not normalized:
             raise ValueError(f"none of {sorted(raw)} is a differentiable metric of this ensemble")
         return self.combine(normalized)
