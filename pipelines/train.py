@@ -128,6 +128,7 @@ def calibrate_run(cfg: Config, run_dir: Path, unpaired_dir: Path, teacher_state:
 def _fit_calibration(cfg: Config, unpaired_dir: Path, teacher_state: dict):
     from qualiteacher.calibration import calibrate
     from qualiteacher.data.paired import UnpairedImages
+    from qualiteacher.imageio import to_tensor
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.models.build import build_model
 
@@ -141,7 +142,7 @@ def _fit_calibration(cfg: Config, unpaired_dir: Path, teacher_state: dict):
     by_size: dict[tuple, list] = {}
     for img in picks:  # images of one size share a batch
         by_size.setdefault(img.shape, []).append(img)
-    batches = [torch.from_numpy(np.stack(group[i:i + 8])).permute(0, 3, 1, 2).float().div(255.0)
+    batches = [torch.cat([to_tensor(img) for img in group[i:i + 8]])
                for group in by_size.values() for i in range(0, len(group), 8)]
     return calibrate(ensemble, model, batches, tuple(cfg.labelling.augmentations),
                      cfg.iqa.calibration_percentiles, cfg.drop.calibrate_keep)
