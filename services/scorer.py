@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from qualiteacher.config import Config
-from qualiteacher.iqa.ensemble import EnsembleScores, IQAEnsemble
+from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.method.drop import dual_drop
 from services.bank.store import MemoryBank, build_entry
 from services.redis_server import redis_client
@@ -57,7 +57,9 @@ class ScorerWorker:
         n, k = pls.shape[:2]
         x = torch.from_numpy(np.array(pls, dtype=np.uint8)).reshape(n * k, *pls.shape[2:])
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        scores = self._score(x, n, k)
+        # One call per metric; a PL that a metric cannot score (a flat frame) gets NaN there
+        # (IQAEnsemble._call) and its set is dropped as non_finite below.
+        scores = self.ensemble.score(x)
         names = self.ensemble.names
         normalized = torch.stack([scores.normalized[m] for m in names], dim=-1).reshape(n, k, len(names))
         drop_cfg = self.cfg.drop
@@ -89,27 +91,6 @@ class ScorerWorker:
             report.admitted += len(outcome.admitted)
             report.evicted += len(outcome.evicted)
         return report.to_dict()
-
-    def _score(self, x: torch.Tensor, n: int, k: int) -> EnsembleScores:
-        """Scores of all N*K PLs in one call per metric. When a metric raises on the batch
-        (NIQE on a flat PL: its covariance is singular), each image's set is scored alone and
-        a set that still fails gets NaN scores, which the drop rejects as non-finite: one
-        unscorable image must not fail (and stall, through retries) the whole batch."""
-        try:
-            return self.ensemble.score(x)
-        except Exception as exc:  # noqa: BLE001 - pyiqa raises assorted errors on degenerate input
-            log.warning("scoring a batch failed (%s); scoring its %d sets one by one", type(exc).__name__, n)
-        parts = []
-        for i in range(n):
-            try:
-                parts.append(self.ensemble.score(x[i * k:(i + 1) * k]))
-            except Exception:  # noqa: BLE001
-                nan = torch.full((k,), float("nan"))
-                parts.append(EnsembleScores({m: nan for m in self.ensemble.names},
-                                            {m: nan for m in self.ensemble.names}, nan))
-        return EnsembleScores({m: torch.cat([p.raw[m] for p in parts]) for m in self.ensemble.names},
-                              {m: torch.cat([p.normalized[m] for p in parts]) for m in self.ensemble.names},
-                              torch.cat([p.ensemble for p in parts]))
 
     def _teacher_q_min(self, raw: dict, n: int, k: int) -> list[float]:
         """Per image, the reward-scale quality of its poorest PL (anchor of the L2 term)."""

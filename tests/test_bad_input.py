@@ -355,10 +355,12 @@ def test_training_over_a_messy_folder(ray_cluster, weights_dir, corpus, tmp_path
 
 
 # ---------------------------------------------------------------------------- scorer
-def test_scorer_drops_an_unscorable_pl_set_and_keeps_the_rest(weights_dir, redis_server):
+@pytest.mark.parametrize("size", [96, 192])
+def test_scorer_drops_an_unscorable_pl_set_and_keeps_the_rest(weights_dir, redis_server, size):
     """Flat pseudo-labels (a saturated or black frame) in a scoring batch: NIQE raises on them
     and BRISQUE gives NaN. The scorer drops that set (counted as non_finite) and gates the
-    others; before, the whole batch failed and the labeller retried it for minutes."""
+    others; before, the whole batch failed and the labeller retried it for minutes.
+    At 192 px the 2x2 blocks are 96 px, so NIQE scores blocks too and raises on the flat ones."""
     from qualiteacher.config import load_config
     from services.bank.store import MemoryBank
     from services.scorer import ScorerWorker
@@ -367,10 +369,10 @@ def test_scorer_drops_an_unscorable_pl_set_and_keeps_the_rest(weights_dir, redis
     prefix = unique_prefix()
     cfg = load_config(REPO / "configs/smoke.yaml", ["drop.enabled=false", f"redis.prefix={prefix}"])
     scorer = ScorerWorker(cfg.model_dump(mode="json"), redis_server.url)
-    photo = np.stack([_photo(96, 96, seed=s) for s in range(3)])  # (3, 96, 96, 3): one image's 3 PLs
+    photo = np.stack([_photo(size, size, seed=s) for s in range(3)])  # (3, size, size, 3): one image's 3 PLs
     flat = np.full_like(photo, 255)
     half_flat = photo.copy()
-    half_flat[:, :48] = 0  # two of its four blocks are flat: BRISQUE has no score for them
+    half_flat[:, :size // 2] = 0  # two of its four blocks are flat: BRISQUE / NIQE have no score for them
     report = scorer.process(["good", "flat", "half"], np.stack([photo, flat, half_flat]), np.ones(3, bool), 1)
     bank = MemoryBank(redis_server.client(), prefix, 3)
     try:

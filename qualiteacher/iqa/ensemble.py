@@ -149,8 +149,24 @@ class IQAEnsemble:
         step = x.shape[0]
         if self.max_batch_pixels:
             step = max(1, self.max_batch_pixels // (x.shape[-2] * x.shape[-1]))
-        return {n: torch.cat([self.models[n](x[i:i + step]).reshape(-1).float().cpu()
-                              for i in range(0, x.shape[0], step)]) for n in (names or self.names)}
+        return {n: torch.cat([self._call(n, x[i:i + step]) for i in range(0, x.shape[0], step)])
+                for n in (names or self.names)}
+
+    def _call(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One metric on one chunk (N,). Where pyiqa raises on the chunk (NIQE's SVD on a flat
+        image or block, BRISQUE's assertions), each image is scored alone and the ones that
+        still fail get NaN: one degenerate image must not fail, and through retries stall,
+        the whole batch. Callers treat NaN as "no score" (the scorer drops the set)."""
+        try:
+            return self.models[name](x).reshape(-1).float().cpu()
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, AssertionError) as exc:  # LinAlgError is a RuntimeError
+            if x.shape[0] == 1:
+                log.warning("%s has no score for an image of %dx%d px (%s: %s); NaN", name, x.shape[-1],
+                            x.shape[-2], type(exc).__name__, str(exc).splitlines()[0][:120] if str(exc) else "")
+                return torch.full((1,), float("nan"))
+        return torch.cat([self._call(name, x[i:i + 1]) for i in range(x.shape[0])])
 
     def normalize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: normalize_score(self.specs[n], v) for n, v in raw.items()}
