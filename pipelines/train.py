@@ -216,6 +216,11 @@ def preflight(cfg: Config) -> None:
     too_big = [f"{m} needs {METRICS[m].min_size} px" for m in cfg.iqa.metrics if size and METRICS[m].min_size > size]
     if too_big:
         raise ConfigError(f"labelling.image_size={size} is too small for the ensemble ({', '.join(too_big)})")
+    reward_side = cfg.iqa.reward_min_size()
+    uses_reward = cfg.train.mode == "qualiteacher" and (cfg.loss.preference.enabled or cfg.loss.consistency.enabled)
+    if uses_reward and reward_side and cfg.data.crop_size < reward_side:
+        raise ConfigError(f"data.crop_size={cfg.data.crop_size} is too small for the reward of the preference / "
+                          f"consistency losses (iqa.reward_metrics: needs {reward_side} px)")
     if cfg.pretrain.checkpoint is not None and not cfg.pretrain.checkpoint.exists():
         raise FileNotFoundError(f"pretrain.checkpoint not found: {cfg.pretrain.checkpoint}")
     # The user's data folders are used only when all three are set (else the bundled samples):

@@ -68,6 +68,12 @@ class IQAConfig(Strict):
     max_batch_pixels: int | None = Field(None, ge=1)
     calibration_images: int = Field(64, ge=2)
     calibration_percentiles: tuple[float, float] = (2.0, 98.0)
+    # Metric -> weight of the differentiable reward of Eqs. 8-9 (the student maximises it):
+    # a subset of `metrics` with gradients. None: every such metric at its ensemble weight.
+    # Why a separate choice: a hand-crafted statistic that the student can satisfy with a
+    # texture (BRISQUE rates an 8-px grid at its best) should still vote on pseudo-labels,
+    # which the student cannot shape, but not be the thing gradient ascent climbs.
+    reward_metrics: dict[str, float] | None = None
 
     @field_validator("metrics")
     @classmethod
@@ -96,6 +102,32 @@ class IQAConfig(Strict):
             if not low < high:
                 raise ValueError(f"range of {name!r} must have low < high, got [{low}, {high}]")
         return ranges
+
+    @model_validator(mode="after")
+    def _valid_reward_metrics(self) -> IQAConfig:
+        from qualiteacher.iqa.registry import METRICS
+
+        if self.reward_metrics is None:
+            return self
+        if not self.reward_metrics or sum(self.reward_metrics.values()) <= 0:
+            raise ValueError("reward_metrics: needs at least one metric with a weight > 0 (or null)")
+        for name, weight in self.reward_metrics.items():
+            if name not in self.metrics:
+                raise ValueError(f"reward_metrics: {name!r} is not in iqa.metrics {sorted(self.metrics)}")
+            if not METRICS[name].differentiable:
+                raise ValueError(f"reward_metrics: {name!r} has no gradients; differentiable: "
+                                 f"{', '.join(sorted(n for n, s in METRICS.items() if s.differentiable))}")
+            if weight < 0:
+                raise ValueError(f"reward_metrics: weight of {name!r} must be >= 0, got {weight}")
+        return self
+
+    def reward_min_size(self) -> int | None:
+        """Smallest image side the reward of Eqs. 8-9 can score (None: it has no metric)."""
+        from qualiteacher.iqa.registry import METRICS
+
+        chosen = self.reward_metrics if self.reward_metrics is not None else self.metrics
+        return min((METRICS[n].min_size for n, w in chosen.items() if w > 0 and METRICS[n].differentiable),
+                   default=None)
 
     @field_validator("calibration_percentiles")
     @classmethod

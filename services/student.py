@@ -238,7 +238,10 @@ def _reward_fn(cfg: Config, loop_cfg: dict):
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
     ensemble = IQAEnsemble.from_config(cfg)
-    log.info("differentiable reward uses %s", ensemble.differentiable_names)
+    log.info("differentiable reward uses %s", ensemble.reward_weights)
+    if cfg.loss.consistency.enabled and (cfg.iqa.reward_min_size() or 1) >= cfg.data.crop_size:
+        log.warning("cropped consistency has no effect: the reward needs %s px crops and data.crop_size is %d",
+                    cfg.iqa.reward_min_size(), cfg.data.crop_size)
     return ensemble.reward
 
 
@@ -307,6 +310,7 @@ def _method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict,
     if lc.consistency.enabled:
         out["consistency"] = cropped_consistency_loss(model, batch["x"], reward, lc.consistency.crop_area,
                                                       generator=gen, score=cfg.model.score_cap,
-                                                      full_output=y_high)
+                                                      full_output=y_high,
+                                                      min_side=cfg.iqa.reward_min_size() or 1)
         total = total + lc.consistency.weight * out["consistency"]
     return total

@@ -39,6 +39,10 @@ BAD_YAML = {
     "range_unknown_metric": ("iqa:\n  ranges: {nqie: [0, 1]}\n", "iqa.ranges", "unknown metric 'nqie'"),
     "bad_percentiles": ("iqa:\n  calibration_percentiles: [50, 10]\n", "iqa.calibration_percentiles", "low < high"),
     "bad_keep": ("drop:\n  calibrate_keep: 0\n", "drop.calibrate_keep", "greater than 0"),
+    "reward_not_in_ensemble": ("iqa:\n  metrics: {brisque: 1}\n  reward_metrics: {niqe: 1}\n", "iqa",
+                               "'niqe' is not in iqa.metrics"),
+    "reward_no_gradients": ("iqa:\n  reward_metrics: {piqe: 1}\n", "iqa", "'piqe' has no gradients"),
+    "reward_all_zero": ("iqa:\n  reward_metrics: {niqe: 0}\n", "iqa", "weight > 0"),
     "inconsistent": ("model:\n  enc_blocks: [1, 1]\n  dec_blocks: [1]\n", "model", "same length"),
 }
 

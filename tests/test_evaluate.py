@@ -69,3 +69,15 @@ def test_preflight_rejects_images_smaller_than_a_metric_needs():
 
     with pytest.raises(ConfigError, match=r"labelling\.image_size=64.*niqe needs 96"):
         preflight(load_config("configs/smoke.yaml", ["labelling.image_size=64"]))
+
+
+def test_preflight_rejects_crops_smaller_than_the_reward_needs():
+    import pytest
+
+    from pipelines.train import preflight
+    from qualiteacher.config import ConfigError
+
+    overrides = ["iqa.reward_metrics={niqe: 1}", "data.crop_size=64"]
+    with pytest.raises(ConfigError, match=r"data\.crop_size=64 .*needs 96 px"):
+        preflight(load_config("configs/smoke.yaml", overrides))
+    preflight(load_config("configs/smoke.yaml", overrides + ["train.mode=baseline"]))  # no reward there

@@ -135,7 +135,26 @@ def test_reward_has_gradients(offline_ensemble, calibration_dir):
     q = offline_ensemble.reward(x)
     q.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert offline_ensemble.differentiable_names == ["brisque", "niqe"]
+    assert offline_ensemble.reward_names == ["brisque", "niqe"]
+
+
+def test_reward_metrics_choose_what_the_reward_climbs(offline_ensemble, weights_dir, calibration_dir):
+    """A NIQE-only reward is NIQE's bounded score alone; BRISQUE still counts in the ensemble."""
+    from qualiteacher.iqa.ensemble import soft_unit
+
+    niqe_only = IQAEnsemble({"brisque": 0.4, "niqe": 0.3, "piqe": 0.3}, weights_dir, device="cpu",
+                            reward_weights={"niqe": 2.0})
+    assert niqe_only.reward_weights == {"niqe": 1.0} and niqe_only.weights == offline_ensemble.weights
+    x = to_tensor(read_image(calibration_dir / "I06.bmp"))[:, :, :128, :128]
+    raw = offline_ensemble.raw_scores(x)
+    expected = soft_unit(1.0 - raw["niqe"] / 100.0)
+    torch.testing.assert_close(niqe_only.reward(x), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(niqe_only.quality_from_raw(raw), expected)
+    assert not torch.allclose(offline_ensemble.quality_from_raw(raw), expected)  # BRISQUE counts there
+    with pytest.raises(ValueError, match="no reward metric \\(niqe\\) can score 64 px"):
+        niqe_only.reward(x[:, :, :64, :64])
+    with pytest.raises(ValueError, match="'piqe' is not a differentiable metric"):
+        IQAEnsemble({"piqe": 1.0}, weights_dir, device="cpu", reward_weights={"piqe": 1.0})
 
 
 def test_missing_weights_error_names_file(tmp_path):

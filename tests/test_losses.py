@@ -199,6 +199,12 @@ def test_random_box_area_and_bounds():
         assert (h, w) == (20, 30) and 0 <= top <= 20 and 0 <= left <= 30
 
 
+def test_random_box_grows_to_min_side_within_the_image():
+    g = torch.Generator().manual_seed(0)
+    assert random_box(40, 60, 0.25, g, min_side=25)[2:] == (25, 30)
+    assert random_box(40, 60, 0.25, g, min_side=96) == (0, 0, 40, 60)
+
+
 @pytest.mark.parametrize("arch", ["nafnet", "unet"])
 def test_consistency_gradients_reach_student(arch):
     model, x = student(arch), x_batch(size=48)

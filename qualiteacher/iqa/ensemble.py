@@ -105,23 +105,37 @@ class IQAEnsemble:
 
     def __init__(self, metric_weights: dict[str, float], weights_dir: Path, device: str = "auto",
                  ranges: Mapping[str, tuple[float, float]] | None = None,
-                 max_batch_pixels: int | None = None):
+                 max_batch_pixels: int | None = None, reward_weights: Mapping[str, float] | None = None):
         """`ranges`: metric -> (low, high) raw range for normalisation, replacing the
         registry's range for the metrics listed (see `qualiteacher.calibration`).
         `max_batch_pixels`: split a metric call into chunks of at most this many pixels
-        (None: one call for the whole batch)."""
+        (None: one call for the whole batch).
+        `reward_weights`: metric -> weight of the differentiable reward (a subset of the
+        ensemble's metrics with gradients); None: all of them at their ensemble weights."""
         self.max_batch_pixels = max_batch_pixels
         total = sum(metric_weights.values())
         self.weights = {name: w / total for name, w in metric_weights.items()}
         self.specs = _with_ranges({name: get_spec(name) for name in metric_weights}, ranges)
+        self.reward_weights = self._reward_weights(reward_weights)
         self.device = resolve_device(device)
         self.models = {name: load_metric(spec, weights_dir, self.device) for name, spec in self.specs.items()}
+
+    def _reward_weights(self, chosen: Mapping[str, float] | None) -> dict[str, float]:
+        if chosen is None:
+            chosen = {n: w for n, w in self.weights.items() if self.specs[n].differentiable}
+        for name in chosen:
+            if name not in self.specs or not self.specs[name].differentiable:
+                raise ValueError(f"reward metric {name!r} is not a differentiable metric of the ensemble "
+                                 f"{self.names}")
+        chosen = {n: w for n, w in chosen.items() if w > 0}
+        total = sum(chosen.values())
+        return {n: w / total for n, w in chosen.items()}
 
     @classmethod
     def from_config(cls, cfg) -> IQAEnsemble:
         """Build from a `Config` (uses cfg.iqa and cfg.paths)."""
         return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device, cfg.iqa.ranges,
-                   cfg.iqa.max_batch_pixels)
+                   cfg.iqa.max_batch_pixels, cfg.iqa.reward_metrics)
 
     def with_ranges(self, ranges: Mapping[str, tuple[float, float]]) -> IQAEnsemble:
         """The same loaded metrics, normalised with other ranges."""
@@ -139,8 +153,9 @@ class IQAEnsemble:
         return list(self.specs)
 
     @property
-    def differentiable_names(self) -> list[str]:
-        return [n for n, s in self.specs.items() if s.differentiable and self.weights[n] > 0]
+    def reward_names(self) -> list[str]:
+        """The metrics of the differentiable reward (Eqs. 8-9)."""
+        return list(self.reward_weights)
 
     # ---- scoring (no gradients) ----
     @torch.no_grad()
@@ -218,17 +233,17 @@ class IQAEnsemble:
 
     # ---- differentiable reward for Eqs. 8-9 ----
     def reward(self, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable ensemble quality in [0, 1] (N,), from the gradient-carrying metrics.
+        """Differentiable quality in [0, 1] (N,) from the reward's metrics (`reward_weights`).
 
         Calls the metric networks directly so gradients flow back to `x`. Each metric's
         normalised score goes through `soft_unit`: about linear inside its range, bounded
         outside, so no gradient dies at the range edges and no single metric can run away.
         """
         size = min(x.shape[-2:])
-        names = [n for n in self.differentiable_names if self.specs[n].min_size <= size]
+        names = [n for n in self.reward_names if self.specs[n].min_size <= size]
         if not names:
             raise ValueError(
-                f"no differentiable metric of the ensemble {self.names} can score {size} px images; "
+                f"no reward metric ({', '.join(self.reward_names) or 'none'}) can score {size} px images; "
                 "the preference and consistency losses need one (brisque, niqe, musiq, clipiqa, topiq_nr)")
         x = x.to(self.device)
         return self.quality_from_raw({n: self.models[n].net(x).reshape(-1).float() for n in names})
@@ -236,15 +251,16 @@ class IQAEnsemble:
     def quality_from_raw(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward's formula applied to raw scores already computed (e.g. by the scorer).
 
-        Only differentiable metrics count; each normalised score is bounded by `soft_unit`.
+        Only the reward's metrics count; each normalised score is bounded by `soft_unit`.
         """
         normalized = {}
         for n, value in raw.items():
-            if n not in self.differentiable_names:
+            if n not in self.reward_weights:
                 continue
             spec = self.specs[n]
             unit = (value - spec.low) / (spec.high - spec.low)
             normalized[n] = soft_unit(1.0 - unit if spec.lower_better else unit)
         if not normalized:
-            raise ValueError(f"none of {sorted(raw)} is a differentiable metric of this ensemble")
-        return self.combine(normalized)
+            raise ValueError(f"none of {sorted(raw)} is a reward metric ({', '.join(self.reward_names)})")
+        total = sum(self.reward_weights[n] for n in normalized)
+        return sum(self.reward_weights[n] * v for n, v in normalized.items()) / total
