@@ -189,6 +189,12 @@ class PreferenceConfig(Strict):
     # margin (the student learns adversarial textures at the low scores that wreck the
     # metrics while PSNR hardly moves), which breaks controllability.
     low_gradient: bool = True
+    # Not in the paper (0 = off): block-weighted L1 between the high-score output and the
+    # image's best bank PL. A trust region for the reward: the output that Eq. 8 lifts has
+    # to stay near real restored content, so a texture that only a metric likes costs
+    # pixel error. Why: with hand-crafted offline metrics the reward is easy to game
+    # (benchmarks/QUALITY.md); L3 only holds the injection layers, not the decoder.
+    weight_fidelity: float = Field(0.0, ge=0)
     warmup_steps: int = Field(2000, ge=0)
 
 

@@ -307,6 +307,9 @@ def _method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict,
                                    model, initial_injection)
         out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
         total = total + pref["total"]
+        if lc.preference.weight_fidelity > 0:  # entries are best first: column 0 is the best PL
+            out["pref_fidelity"] = block_weighted_l1(y_high, batch["pl"][:, 0], batch["weights"][:, 0])
+            total = total + lc.preference.weight_fidelity * out["pref_fidelity"]
     if lc.consistency.enabled:
         out["consistency"] = cropped_consistency_loss(model, batch["x"], reward, lc.consistency.crop_area,
                                                       generator=gen, score=cfg.model.score_cap,

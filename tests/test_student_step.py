@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from qualiteacher.config import load_config
@@ -79,18 +80,23 @@ def _reference(cfg, model, paired, batch, gen, initial):
     from qualiteacher.losses.preference import identity_loss
 
     total = total + lc.preference.weight_rank * terms["rank"] + lc.preference.weight_anchor * terms["anchor"]
+    # Fidelity: y_high against each image's best (first) PL, with that PL's block weights.
+    fidelity = block_weighted_l1(y_high, batch["pl"][:, 0], batch["weights"][:, 0])
+    total = total + lc.preference.weight_fidelity * fidelity
     return total + lc.preference.weight_identity * identity_loss(model, initial)
 
 
-def test_shared_forward_step_equals_one_forward_per_condition():
+@pytest.mark.parametrize("fidelity", [0.0, 0.7])
+def test_shared_forward_step_equals_one_forward_per_condition(fidelity):
     cfg = load_config(None, [f"data.crop_size={CROP}", "loss.consistency.enabled=false",
-                             "loss.preference.warmup_steps=0"])
+                             "loss.preference.warmup_steps=0", f"loss.preference.weight_fidelity={fidelity}"])
     model = _model(cfg)
     initial = injection_snapshot(model)
     paired, bank = _Paired(), _Bank()
     shared = _losses(cfg, model, paired, bank, _reward, np.random.default_rng(0),
                      torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
     assert {"pixel", "pref_rank", "pref_anchor", "pref_identity"} <= set(shared)
+    assert ("pref_fidelity" in shared) == (fidelity > 0)
     reference_model = copy.deepcopy(model)
     reference = _reference(cfg, reference_model, paired, bank.batch, torch.Generator().manual_seed(5), initial)
     torch.testing.assert_close(shared["total"], reference, rtol=1e-5, atol=1e-6)
