@@ -6,7 +6,7 @@ scikit-image at 288 px), same 3x3 block grid (96 px blocks, so NIQE scores block
 * batched (what `services.scorer.ScorerWorker.process` does): `IQAEnsemble.score` on the
   whole batch, then `IQAEnsemble.block_scores`, which unfolds every block of every image
   into one batch; each metric call takes at most `iqa.max_batch_pixels` pixels (the
-  quickstart config's 262144: 3 images or 27 blocks at 288 px), as the scorer's does;
+  quickstart config's 82944: 1 image or 9 blocks at 288 px), as the scorer's does;
 * one call per metric (informational): the same without a pixel limit;
 * reference (the authors' release): one image at a time, its global score one call per
   metric, then its blocks scored in a Python loop, one call per block and metric.
