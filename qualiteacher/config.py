@@ -123,10 +123,9 @@ class IQAConfig(Strict):
 
     def reward_min_size(self) -> int | None:
         """Smallest image side the reward of Eqs. 8-9 can score (None: it has no metric)."""
-        from qualiteacher.iqa.registry import METRICS
+        from qualiteacher.iqa.registry import METRICS, reward_metric_weights
 
-        chosen = self.reward_metrics if self.reward_metrics is not None else self.metrics
-        return min((METRICS[n].min_size for n, w in chosen.items() if w > 0 and METRICS[n].differentiable),
+        return min((METRICS[n].min_size for n in reward_metric_weights(self.metrics, self.reward_metrics)),
                    default=None)
 
     @field_validator("calibration_percentiles")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qualiteacher.iqa.registry import MetricSpec, get_spec
+from qualiteacher.iqa.registry import MetricSpec, get_spec, reward_metric_weights
 from qualiteacher.iqa.weights import configure_pyiqa, require_weights
 
 log = logging.getLogger(__name__)
@@ -121,15 +121,11 @@ class IQAEnsemble:
         self.models = {name: load_metric(spec, weights_dir, self.device) for name, spec in self.specs.items()}
 
     def _reward_weights(self, chosen: Mapping[str, float] | None) -> dict[str, float]:
-        if chosen is None:
-            chosen = {n: w for n, w in self.weights.items() if self.specs[n].differentiable}
-        for name in chosen:
+        for name in chosen or {}:
             if name not in self.specs or not self.specs[name].differentiable:
                 raise ValueError(f"reward metric {name!r} is not a differentiable metric of the ensemble "
                                  f"{self.names}")
-        chosen = {n: w for n, w in chosen.items() if w > 0}
-        total = sum(chosen.values())
-        return {n: w / total for n, w in chosen.items()}
+        return reward_metric_weights(self.weights, chosen)
 
     @classmethod
     def from_config(cls, cfg) -> IQAEnsemble:
@@ -186,10 +182,13 @@ class IQAEnsemble:
     def normalize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: normalize_score(self.specs[n], v) for n, v in raw.items()}
 
-    def combine(self, normalized: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Weighted mean over the metrics present (weights renormalised over them)."""
-        total = sum(self.weights[n] for n in normalized)
-        return sum(self.weights[n] * v for n, v in normalized.items()) / total
+    def combine(self, normalized: dict[str, torch.Tensor],
+                weights: Mapping[str, float] | None = None) -> torch.Tensor:
+        """Weighted mean over the metrics present (weights renormalised over them); the
+        ensemble's weights (Eq. 4) unless others are given (the reward's)."""
+        weights = self.weights if weights is None else weights
+        total = sum(weights[n] for n in normalized)
+        return sum(weights[n] * v for n, v in normalized.items()) / total
 
     def score(self, x: torch.Tensor) -> EnsembleScores:
         raw = self.raw_scores(x)
@@ -262,5 +261,4 @@ class IQAEnsemble:
             normalized[n] = soft_unit(1.0 - unit if spec.lower_better else unit)
         if not normalized:
             raise ValueError(f"none of {sorted(raw)} is a reward metric ({', '.join(self.reward_names)})")
-        total = sum(self.reward_weights[n] for n in normalized)
-        return sum(self.reward_weights[n] * v for n, v in normalized.items()) / total
+        return self.combine(normalized, self.reward_weights)

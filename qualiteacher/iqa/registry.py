@@ -8,6 +8,7 @@ parameter files it needs inside the weights folder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Literal
 
 PYIQA_DIR = "hub/pyiqa"  # pyiqa's own cache layout under the weights folder ($TORCH_HOME style)
@@ -91,3 +92,14 @@ def get_spec(name: str) -> MetricSpec:
         return METRICS[name]
     except KeyError:
         raise KeyError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None
+
+
+def reward_metric_weights(metric_weights: Mapping[str, float],
+                          chosen: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Metric -> weight (summing to 1) of the differentiable reward of Eqs. 8-9: `chosen`,
+    else every metric of `metric_weights` with gradients; zero weights left out."""
+    if chosen is None:
+        chosen = {n: w for n, w in metric_weights.items() if METRICS[n].differentiable}
+    chosen = {n: w for n, w in chosen.items() if w > 0}
+    total = sum(chosen.values())
+    return {n: w / total for n, w in chosen.items()}
