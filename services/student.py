@@ -1,11 +1,10 @@
 """The Ray Train student loop: bank pseudo-labels + paired data -> every loss -> EMA -> push.
 
 Each rank draws its own bank samples (Ray Data is bounded-only, the bank is not), and every
-rank runs exactly `train.steps` steps, so collective calls always line up. A bank sample is
-an image with all its PLs on one crop; one shared forward restores it at every PL's level
-and at the two scores of Eq. 8 (the encoder runs once per image, `restore_conditions`). Gradients are
-averaged with one flat all-reduce after backward instead of a DDP wrapper: a step runs the
-student several times (pixel, preference at two scores, cropped consistency) and a manual
+rank runs exactly `train.steps` steps, so collective calls always line up. The step's losses
+are `qualiteacher.student_step.step_losses` (importable without Ray). Gradients are averaged
+with one flat all-reduce after backward instead of a DDP wrapper: a step runs the student
+several times (pixel, preference at two scores, cropped consistency) and a manual
 all-reduce is correct for any number of forwards.
 
 Rank 0 keeps the EMA teacher; every `push_every` steps it does one `ray.put` of its CPU
@@ -25,44 +24,27 @@ import numpy as np
 import ray
 import redis
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from qualiteacher.checkpoint import load_training_state, save_training_state
 from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
-from qualiteacher.losses.consistency import cropped_consistency_loss
-from qualiteacher.losses.pixel import block_weighted_l1, l1
-from qualiteacher.losses.preference import preference_terms, sample_low_scores
 from qualiteacher.method.ema import EMA
 from qualiteacher.models.build import build_model
-from qualiteacher.models.injection import injection_snapshot, restore_conditions
+from qualiteacher.models.injection import injection_snapshot
+from qualiteacher.student_step import (
+    average_gradients,
+    gradients_finite,
+    perceptual_fn,
+    reward_fn,
+    step_losses,
+)
 from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank, decode_image, decode_weights
 from services.names import LABELLER
 from services.redis_server import redis_client
 
 log = logging.getLogger(__name__)
-
-
-def average_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """Average gradients over ranks with one flat all-reduce (missing grads count as 0)."""
-    if world_size == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def gradients_finite(model: torch.nn.Module) -> bool:
-    """False if any gradient holds NaN or Inf: such an update never reaches the weights."""
-    return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 class BankBatches:
@@ -195,14 +177,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if checkpoint is not None and rank == 0:
         bank.record_resume(step)
     bank.wait_for_entries(cfg.train.bank_wait_s)
-    reward = _reward_fn(cfg, loop_cfg)
-    perceptual = _perceptual_fn(cfg, device)
+    reward = reward_fn(cfg)
+    perceptual = perceptual_fn(cfg, device)
     labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
     push = None
     skipped = 0
 
     while step < cfg.train.steps:
-        losses = _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection, perceptual)
+        losses = step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection, perceptual)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         average_gradients(model, world)
@@ -229,91 +211,3 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
     if push is not None:
         ray.get(push)
-
-
-def _reward_fn(cfg: Config, loop_cfg: dict):
-    needs = cfg.train.mode == "qualiteacher" and (cfg.loss.preference.enabled or cfg.loss.consistency.enabled)
-    if not needs:
-        return None
-    from qualiteacher.iqa.ensemble import IQAEnsemble
-
-    ensemble = IQAEnsemble.from_config(cfg)
-    log.info("differentiable reward uses %s", ensemble.reward_weights)
-    if cfg.loss.consistency.enabled and (cfg.iqa.reward_min_size() or 1) >= cfg.data.crop_size:
-        log.warning("cropped consistency has no effect: the reward needs %s px crops and data.crop_size is %d",
-                    cfg.iqa.reward_min_size(), cfg.data.crop_size)
-    return ensemble.reward
-
-
-def _perceptual_fn(cfg: Config, device: torch.device):
-    if cfg.loss.perceptual_weight <= 0:
-        return None
-    from qualiteacher.losses.perceptual import VGGPerceptualLoss
-
-    return VGGPerceptualLoss(cfg.paths.resolved_weights_dir()).to(device).eval()
-
-
-def _losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection,
-            perceptual=None) -> dict:
-    tc, lc = cfg.train, cfg.loss
-    x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
-    x_p, y_p = x_p.to(device), y_p.to(device)
-    out = {"supervised": l1(model(x_p, cfg.model.score_cap), y_p)}
-    total = lc.supervised_weight * out["supervised"]
-    batch = bank.sample(tc.bank_batch_size, device)
-    if batch is None:
-        out["total"] = total
-        return out
-    methods = reward is not None and step >= lc.preference.warmup_steps
-    preference = methods and lc.preference.enabled and cfg.model.score_condition
-    # One shared forward: each image at every PL's level, and for Eq. 8 also at 7 and s_low.
-    k = batch["level"].shape[1]
-    conditions = [batch["level"]]
-    s_low = None
-    if preference:
-        s_low = sample_low_scores(batch["x"].shape[0], lc.preference.low_scores, gen).to(device)
-        conditions += [torch.full_like(s_low, cfg.model.score_cap)[:, None], s_low[:, None]]
-    y = restore_conditions(model, batch["x"], torch.cat(conditions, dim=1))
-    mask = batch["mask"]
-    pred, pl = y[:, :k][mask], batch["pl"][mask]
-    out["pixel"] = block_weighted_l1(pred, pl, batch["weights"][mask])
-    total = total + lc.pixel_weight * out["pixel"]
-    if perceptual is not None:
-        out["perceptual"] = perceptual(pred, pl)
-        total = total + lc.perceptual_weight * out["perceptual"]
-    if methods:
-        y_pair = (y[:, k], y[:, k + 1], s_low) if preference else None
-        try:
-            total = total + _method_losses(cfg, model, batch, reward, gen, initial_injection, out, y_pair)
-        except (torch.linalg.LinAlgError, AssertionError) as exc:
-            # pyiqa's NIQE / BRISQUE are undefined on a flat (zero-variance) image: NIQE's
-            # pinv gets NaN, BRISQUE asserts. Raising here would kill the worker, and the
-            # restart would replay the same batch until max_failures: skip these terms once.
-            log.warning("step %d: reward undefined on this bank batch (%s: %s); preference and "
-                        "consistency losses skipped for this step", step, type(exc).__name__,
-                        str(exc).splitlines()[0][:120])
-    out["total"] = total
-    return out
-
-
-def _method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict, y_pair) -> torch.Tensor:
-    """Eq. 8 (from the shared forward's y_high, y_low) and Eq. 9."""
-    lc = cfg.loss
-    total = torch.zeros((), device=batch["x"].device)
-    y_high = None
-    if y_pair is not None:
-        y_high, y_low, s_low = y_pair
-        pref, _ = preference_terms(y_high, y_low, s_low, reward, batch["q_min"], lc.preference,
-                                   model, initial_injection)
-        out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
-        total = total + pref["total"]
-        if lc.preference.weight_fidelity > 0:  # entries are best first: column 0 is the best PL
-            out["pref_fidelity"] = block_weighted_l1(y_high, batch["pl"][:, 0], batch["weights"][:, 0])
-            total = total + lc.preference.weight_fidelity * out["pref_fidelity"]
-    if lc.consistency.enabled:
-        out["consistency"] = cropped_consistency_loss(model, batch["x"], reward, lc.consistency.crop_area,
-                                                      generator=gen, score=cfg.model.score_cap,
-                                                      full_output=y_high,
-                                                      min_side=cfg.iqa.reward_min_size() or 1)
-        total = total + lc.consistency.weight * out["consistency"]
-    return total

@@ -10,7 +10,7 @@ from qualiteacher.config import load_config
 from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
-from services.student import _losses
+from qualiteacher.student_step import step_losses
 
 
 class _Paired:
@@ -34,7 +34,7 @@ def test_flat_bank_batch_skips_reward_terms(weights_dir):
     def flat_reward(y):  # what the real ensemble does when the student's output is flat
         return ensemble.reward(torch.full_like(y, 0.5)) + 0 * y.mean()
 
-    out = _losses(cfg, model, _Paired(), _FlatBank(), flat_reward, np.random.default_rng(0),
+    out = step_losses(cfg, model, _Paired(), _FlatBank(), flat_reward, np.random.default_rng(0),
                   torch.Generator().manual_seed(0), torch.device("cpu"), step=10,
                   initial_injection=injection_snapshot(model))
     assert "pixel" in out and torch.isfinite(out["total"])

@@ -15,7 +15,7 @@ from qualiteacher.losses.pixel import block_weighted_l1, l1
 from qualiteacher.losses.preference import preference_loss, sample_low_scores
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
-from services.student import _losses
+from qualiteacher.student_step import step_losses
 
 CROP = 32
 
@@ -93,7 +93,7 @@ def test_shared_forward_step_equals_one_forward_per_condition(fidelity):
     model = _model(cfg)
     initial = injection_snapshot(model)
     paired, bank = _Paired(), _Bank()
-    shared = _losses(cfg, model, paired, bank, _reward, np.random.default_rng(0),
+    shared = step_losses(cfg, model, paired, bank, _reward, np.random.default_rng(0),
                      torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
     assert {"pixel", "pref_rank", "pref_anchor", "pref_identity"} <= set(shared)
     assert ("pref_fidelity" in shared) == (fidelity > 0)
@@ -111,13 +111,13 @@ def test_padding_slots_do_not_count():
                              "loss.consistency.enabled=false"])
     model = _model(cfg)
     bank = _Bank()
-    out = _losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+    out = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
                   torch.device("cpu"), step=0, initial_injection=None)
     bank.batch["pl"][2, 1:] = 1e3  # garbage in the padding slots changes nothing
-    again = _losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+    again = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
                     torch.device("cpu"), step=0, initial_injection=None)
     assert torch.equal(out["pixel"], again["pixel"])
     bank.batch["pl"][2, 0] = 1e3  # the one real slot of image 2 does count
-    third = _losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+    third = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
                     torch.device("cpu"), step=0, initial_injection=None)
     assert third["pixel"] > 10 * out["pixel"]
