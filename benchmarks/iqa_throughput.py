@@ -14,7 +14,7 @@ scikit-image at 288 px), same 3x3 block grid (96 px blocks, so NIQE scores block
 Both produce the same numbers (checked below); the speed-up is images/s batched over
 images/s reference. Target: at least 3x.
 
-    python -m benchmarks.iqa_throughput [--fast]
+    python -m benchmarks.iqa_throughput [--fast] [--device cuda]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import torch
 
 from benchmarks.common import (
     apply_threads,
+    bench_device,
     compare,
+    device_sync,
     emit_result,
     header,
     iqa_weights_dir,
@@ -67,7 +69,7 @@ def reference_path(ensemble, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, 
     return torch.cat(totals), torch.stack(blocks)
 
 
-def per_metric_table(ensemble, x: torch.Tensor, grid: int, *, reps: int, warmup: int) -> None:
+def per_metric_table(ensemble, x: torch.Tensor, grid: int, *, reps: int, warmup: int, sync=None) -> None:
     """Where the time goes: each metric's full-image and block scoring, batched vs looped."""
     n, c, h, w = x.shape
     bh, bw = h // grid, w // grid
@@ -82,7 +84,7 @@ def per_metric_table(ensemble, x: torch.Tensor, grid: int, *, reps: int, warmup:
             t = compare({
                 "batched": lambda b=batch, m=name: ensemble.raw_scores(b, [m]),
                 "loop": lambda b=batch, m=name: [ensemble.raw_scores(b[i:i + 1], [m]) for i in range(b.shape[0])],
-            }, reps=reps, warmup=warmup)
+            }, reps=reps, warmup=warmup, sync=sync)
             rows.append([name, part, t["batched"].median * 1e3 / n, t["loop"].median * 1e3 / n,
                          t["loop"].median / t["batched"].median])
     print("per metric, ms per image (batched: one call for all images / all blocks; loop: one call each)")
@@ -90,7 +92,7 @@ def per_metric_table(ensemble, x: torch.Tensor, grid: int, *, reps: int, warmup:
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], device=True)
     parser.add_argument("--images", type=int, default=None, help="images per call (default 12, fast 1)")
     parser.add_argument("--size", type=int, default=288)
     parser.add_argument("--grid", type=int, default=3)
@@ -104,17 +106,19 @@ def main(argv: list[str] | None = None) -> float:
     from qualiteacher.config import load_config
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
+    device = bench_device(args)
+    sync = device_sync(device)
     max_pixels = load_config(args.config).iqa.max_batch_pixels
-    ensemble = IQAEnsemble(METRICS, iqa_weights_dir(), "cpu", max_batch_pixels=max_pixels)
+    ensemble = IQAEnsemble(METRICS, iqa_weights_dir(), device.type, max_batch_pixels=max_pixels)
     one_call = copy.copy(ensemble)  # the same loaded metrics, no pixel limit
     one_call.max_batch_pixels = None
-    x = to_batch(sample_images(n, args.size))
+    x = to_batch(sample_images(n, args.size)).to(device)
     block = args.size // args.grid
     header("IQA scoring + block weight maps: batched (scorer) vs per image, per block (reference)", args.fast, [
         (f"metrics {METRICS}; {n} images of {args.size} px; grid {args.grid}x{args.grid} "
         f"({block} px blocks, block metrics {ensemble.block_metric_names(block)}); "
         f"scorer path: at most {max_pixels} pixels per metric call (iqa.max_batch_pixels of {args.config}); "
-        f"{warmup} warm-up + {reps} timed repetitions each, median"),
+        f"{warmup} warm-up + {reps} timed repetitions each, median; device {device}"),
     ])
 
     n_block_metrics = len(ensemble.block_metric_names(block))
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> float:
     }
     if not args.fast:
         ways[single] = keep(single, lambda: batched_path(one_call, x, args.grid))
-    timings = compare(ways, reps=reps, warmup=warmup)
+    timings = compare(ways, reps=reps, warmup=warmup, sync=sync)
     per_call = max(1, (max_pixels or n * args.size ** 2) // args.size ** 2)
     chunks = -(-n // per_call)
     calls = {batched: chunks * (len(METRICS) + n_block_metrics),
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> float:
         rows.append([name, calls[name], t.median * 1e3, t.spread, n / t.median, t.median * 1e3 / n])
     print_table(["way", "metric calls", "median ms", "min-max ms", "images/s", "ms/image"], rows)
     if not args.fast:
-        per_metric_table(one_call, x, args.grid, reps=reps, warmup=warmup)
+        per_metric_table(one_call, x, args.grid, reps=reps, warmup=warmup, sync=sync)
 
     # Same work, same answers: the two ways must agree.
     (e_b, blocks_b), (e_r, blocks_r) = outputs[batched], outputs[reference]

@@ -4,7 +4,7 @@ Same model (the quickstart NAFNet, score-conditioned), same crops (96 px), same 
 step draws `images` inputs with their top-3 bank PLs, block weight maps and levels), same
 loss (block-weighted L1 to the PL) followed by backward and an Adam step:
 
-* batched (what `services.student._losses` does): each input once, restored at its 3 PLs'
+* batched (what `qualiteacher.student_step.step_losses` does): each input once, restored at its 3 PLs'
   levels by one shared forward (`restore_conditions`: the encoder runs once per input,
   the bottleneck, where the score enters, and the decoder run on the 3 conditions in one
   batch);
@@ -16,7 +16,7 @@ loss (block-weighted L1 to the PL) followed by backward and an Adam step:
 Both compute the same gradients (checked below, on the same weights). The result is
 samples/s batched over samples/s reference. Target: at least 2x.
 
-    python -m benchmarks.student_throughput [--fast]
+    python -m benchmarks.student_throughput [--fast] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import torch
 
 from benchmarks.common import (
     apply_threads,
+    bench_device,
     compare,
+    device_sync,
     emit_result,
     header,
     make_parser,
@@ -84,7 +86,7 @@ def reference_loss(model, batch) -> torch.Tensor:
     from qualiteacher.losses.pixel import block_weighted_l1
 
     n = batch["x"].shape[0]
-    total = torch.zeros(())
+    total = torch.zeros((), device=batch["x"].device)
     for i in range(n):
         s = slice(i, i + 1)
         pred = model(batch["x"][s], batch["level"][s])
@@ -112,7 +114,7 @@ def gradient_gap(model, batch) -> float:
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], device=True)
     parser.add_argument("--images", type=int, default=None, help="inputs per step, 3 PLs each (default 4, fast 1)")
     parser.add_argument("--config", default=str(repo_root() / "configs" / "quickstart.yaml"))
     args = parser.parse_args(argv)
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> float:
     from qualiteacher.config import load_config
     from qualiteacher.models.build import build_model, count_parameters
 
+    device = bench_device(args)
     cfg = load_config(args.config)
     crop = cfg.data.crop_size
     torch.manual_seed(0)
@@ -132,12 +135,14 @@ def main(argv: list[str] | None = None) -> float:
         for name, p in base.named_parameters():
             if "score" in name or "inject" in name:
                 p.normal_(0, 0.02)
-    batch = make_batch(images, crop)
+    base.to(device)
+    batch = {k: v.to(device) for k, v in make_batch(images, crop).items()}
     n = batch["x"].shape[0]
     header("Student training step: batched score conditioning vs one bs-1 forward per stored PL", args.fast, [
         (f"model {cfg.model.arch} width {cfg.model.width} ({count_parameters(base) / 1e6:.3f} M parameters, "
         f"from {args.config}); crop {crop} px; {images} inputs x {PLS_PER_IMAGE} PLs = {n} samples per step; "
-        f"block-weighted L1 + backward + Adam step; {warmup} warm-up + {reps} timed steps each, median"),
+        f"block-weighted L1 + backward + Adam step; {warmup} warm-up + {reps} timed steps each, median; "
+        f"device {device}"),
     ])
 
     gap = gradient_gap(base, batch)
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> float:
         "reference (bs-1 forward per PL)": way("reference", reference_loss),
         "batched, inputs repeated (info)": way("repeated", repeated_loss),
     }
-    timings = compare(ways, reps=reps, warmup=warmup)
+    timings = compare(ways, reps=reps, warmup=warmup, sync=device_sync(device))
     rows = [[name, t.median * 1e3, t.spread, n / t.median] for name, t in timings.items()]
     print_table(["way", "median ms/step", "min-max ms", "samples/s"], rows)
     print(f"max |gradient difference| batched vs reference (same weights): {gap:.2e}")
