@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import pytest
 from qualiteacher.config import load_config
 
 pytest_plugins = ["tests.redis_fixtures", "tests.ray_fixtures"]
+
+# Ray Train's controller polls its workers every 2 s by default, so each short training run
+# in the tests waited up to 2 s at start and at end for nothing. Set before any Ray process
+# starts (the session cluster and the CLI runs inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 
