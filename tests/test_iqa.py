@@ -220,3 +220,31 @@ def test_hand_crafted_metrics_run_without_cudnn_or_tf32(offline_ensemble, calibr
     with metric_backend(exact=False):  # learned metrics: cuDNN, deterministic, as pyiqa sets it
         assert torch.backends.cudnn.enabled and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark
+
+
+def test_tf32_rounded_convolutions_move_brisque_and_piqe(offline_ensemble, calibration_dir, monkeypatch):
+    """Why BRISQUE and PIQE are registered with ``exact_convolutions``: with every conv2d
+    operand rounded to TF32 (10 mantissa bits, what cuDNN's TF32 kernels keep), their local
+    variances cancel and scores move by whole points; NIQE runs in float64 and does not move.
+    On an H100 the same blocks moved by up to 25 (BRISQUE) and 56 (PIQE) through pyiqa's
+    forward, which turns TF32 on."""
+    import torch
+    import torch.nn.functional as F
+
+    from qualiteacher.iqa.registry import METRICS
+
+    def tf32(t):
+        if t.dtype != torch.float32:
+            return t
+        return ((t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    images = torch.cat([to_tensor(read_image(calibration_dir / f"{n}.bmp"))[:, :, :192, :192]
+                        for n in ("I03", "I04", "I08", "I19")])
+    blocks = F.unfold(images, (96, 96), stride=(96, 96)).transpose(1, 2).reshape(16, 3, 96, 96)
+    exact = offline_ensemble.raw_scores(blocks)
+    exact_conv = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **k: exact_conv(tf32(x), tf32(w), *a, **k))
+    rounded = offline_ensemble.raw_scores(blocks)
+    moved = {name: float((rounded[name] - exact[name]).abs().max()) for name in exact}
+    assert moved["brisque"] > 1 and moved["piqe"] > 1 and moved["niqe"] == 0, moved
+    assert all(METRICS[name].exact_convolutions for name in ("brisque", "piqe", "niqe"))

@@ -56,9 +56,10 @@ def metric_backend(exact: bool):
     on for every call. Seen on an H100 (torch 2.11, CUDA 13): through pyiqa's forward, a
     batch of 9 blocks got BRISQUE and PIQE scores up to 25 and 56 away from the same blocks
     scored alone or in a batch of 108, while NIQE (float64, where TF32 does not apply) and
-    the CPU agreed. That TF32 is the cause is inferred, not yet confirmed on a GPU:
-    tests/test_gpu.py checks it when one is lent. Gradients (the reward's backward pass) run
-    outside this block.
+    the CPU agreed. Rounding every convolution operand to TF32 on the CPU moves the same
+    blocks by up to 28 (BRISQUE) and 56 (PIQE), NIQE by 0 (tests/test_iqa.py). This fix has
+    not yet run on a GPU; tests/test_gpu.py checks it when one is lent. Gradients (the
+    reward's backward pass) run outside this block.
     """
     matmul = torch.backends.cuda.matmul.allow_tf32
     if exact:
