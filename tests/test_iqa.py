@@ -248,3 +248,32 @@ def test_tf32_rounded_convolutions_move_brisque_and_piqe(offline_ensemble, calib
     moved = {name: float((rounded[name] - exact[name]).abs().max()) for name in exact}
     assert moved["brisque"] > 1 and moved["piqe"] > 1 and moved["niqe"] == 0, moved
     assert all(METRICS[name].exact_convolutions for name in ("brisque", "piqe", "niqe"))
+
+
+def test_exact_backward_gives_the_same_gradient_under_exact_settings(offline_ensemble, calibration_dir):
+    """The reward's GPU path for hand-crafted metrics: the backward pass recomputes the metric
+    with cuDNN and TF32 off (autograd would otherwise run it under the caller's settings).
+    Same value and gradient as plain autograd; the recomputation sees the exact settings."""
+    import torch
+
+    from qualiteacher.iqa.ensemble import differentiable_score
+
+    net = offline_ensemble.models["brisque"].net
+    x = to_tensor(read_image(calibration_dir / "I04.bmp"))[:, :, :128, :128]
+    plain_x, exact_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    plain = differentiable_score(net, plain_x, exact=True, exact_backward=False)
+    plain.sum().backward()
+    seen = []
+    hook = net.register_forward_pre_hook(
+        lambda _m, _a: seen.append((torch.is_grad_enabled(), torch.backends.cudnn.enabled)))
+    try:
+        exact = differentiable_score(net, exact_x, exact=True, exact_backward=True)
+        assert seen == [(False, False)]  # the forward: no graph kept, exact settings
+        exact.sum().backward()
+    finally:
+        hook.remove()
+    assert seen[1] == (True, False)  # recomputed in the backward pass, exact settings
+    assert torch.backends.cudnn.enabled  # restored
+    torch.testing.assert_close(exact, plain.detach())
+    torch.testing.assert_close(exact_x.grad, plain_x.grad, rtol=1e-5, atol=1e-7)
+    assert exact_x.grad.abs().sum() > 0

@@ -58,8 +58,8 @@ def metric_backend(exact: bool):
     scored alone or in a batch of 108, while NIQE (float64, where TF32 does not apply) and
     the CPU agreed. Rounding every convolution operand to TF32 on the CPU moves the same
     blocks by up to 28 (BRISQUE) and 56 (PIQE), NIQE by 0 (tests/test_iqa.py). This fix has
-    not yet run on a GPU; tests/test_gpu.py checks it when one is lent. Gradients (the
-    reward's backward pass) run outside this block.
+    not yet run on a GPU; tests/test_gpu.py checks it when one is lent. The reward's
+    backward pass runs after this block has closed: `_ExactBackward` covers it.
     """
     matmul = torch.backends.cuda.matmul.allow_tf32
     if exact:
@@ -70,6 +70,41 @@ def metric_backend(exact: bool):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+class _ExactBackward(torch.autograd.Function):
+    """``net(x)`` whose backward pass also runs with exact convolutions.
+
+    Autograd runs a backward pass after the forward's `metric_backend` block has closed, so
+    on a GPU the reward's gradients would go through TF32 cuDNN kernels. Here the backward
+    recomputes the forward under `metric_backend(True)` and differentiates that (one more
+    forward of a hand-crafted metric, which is cheap next to the student).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.net = net
+        with torch.no_grad(), metric_backend(True):
+            return net(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad(), metric_backend(True):
+            leaf = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(ctx.net(leaf), leaf, grad_out)
+        return grad, None
+
+
+def differentiable_score(net: torch.nn.Module, x: torch.Tensor, exact: bool, exact_backward: bool) -> torch.Tensor:
+    """``net(x)`` with gradients; hand-crafted metrics (``exact``) without cuDNN or TF32, and
+    with ``exact_backward`` their backward pass too (needed on a GPU only: the CPU has no TF32)."""
+    if exact and exact_backward and x.requires_grad:
+        return _ExactBackward.apply(x, net)
+    with metric_backend(exact):
+        return net(x)
 
 
 def _with_ranges(specs: dict[str, MetricSpec],
@@ -275,10 +310,8 @@ class IQAEnsemble:
                 f"no reward metric ({', '.join(self.reward_names) or 'none'}) can score {size} px images; "
                 "the preference and consistency losses need one (brisque, niqe, musiq, clipiqa, topiq_nr)")
         x = x.to(self.device)
-        raw = {}
-        for n in names:
-            with metric_backend(self.specs[n].exact_convolutions):
-                raw[n] = self.models[n].net(x).reshape(-1).float()
+        raw = {n: differentiable_score(self.models[n].net, x, self.specs[n].exact_convolutions,
+                                       exact_backward=x.is_cuda).reshape(-1).float() for n in names}
         return self.quality_from_raw(raw)
 
     def quality_from_raw(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
