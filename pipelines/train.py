@@ -46,19 +46,25 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, **kwargs)
     else:
         # Logical CPUs: actors ask for fractions; more logical than physical CPUs is fine here.
+        # The dashboard (on 127.0.0.1) serves Ray's state API: without it Ray Train's placement
+        # group cleaner cannot see its controller, warns every few seconds and cleans nothing.
         ray.init(num_cpus=cfg.ray.local_num_cpus or max(4, os.cpu_count() or 1),
-                 include_dashboard=False, **kwargs)
+                 include_dashboard=True, **kwargs)
 
 
 def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
-    """User folders from config, else the bundled samples with synthetic degradations."""
+    """User folders from config, else the bundled samples with synthetic degradations.
+
+    Absolute paths: they are handed to Ray actors and Ray Train workers, whose working
+    directory is not the driver's (a relative `--run-dir` failed there).
+    """
     d = cfg.data
     if d.paired_input_dir and d.paired_target_dir and d.unpaired_dir:
-        return {"paired_input": d.paired_input_dir, "paired_target": d.paired_target_dir,
-                "unpaired": d.unpaired_dir}
+        return {"paired_input": Path(d.paired_input_dir).resolve(),
+                "paired_target": Path(d.paired_target_dir).resolve(), "unpaired": Path(d.unpaired_dir).resolve()}
     from qualiteacher.data.samples import SPLITS, make_task_sets
 
-    root = run_dir / "data"
+    root = run_dir.resolve() / "data"
     sets = {split: root / split for split in SPLITS}
     if not all(p.is_dir() and any(p.iterdir()) for p in sets.values()):
         # Deterministic in (task, seed): a resumed run finds the same sets already there.

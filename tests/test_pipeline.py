@@ -170,3 +170,22 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     assert summary["teacher_version"] == 12
     assert summary["student_resumes"] == 1  # restarted once, from a checkpoint, not from scratch
     assert summary["max_entries_per_image"] <= 3
+
+
+def test_data_paths_are_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
+    """Paths go to Ray actors and Ray Train workers, whose working directory is not the
+    driver's: `qualiteacher demo` with its relative `runs/demo` failed in the student."""
+    from pathlib import Path
+
+    from pipelines.train import prepare_data
+
+    cfg = _cfg("paths")
+    user_cfg = _cfg("paths", "data.paired_input_dir=in", "data.paired_target_dir=gt", "data.unpaired_dir=real")
+    monkeypatch.chdir(tmp_path)
+    bundled = prepare_data(cfg, Path("rel_run"))
+    assert all(p.is_absolute() and p.is_dir() for p in bundled.values()), bundled
+    assert bundled["paired_input"] == tmp_path / "rel_run" / "data" / "paired" / "input"
+    for name in ("in", "gt", "real"):
+        (tmp_path / name).mkdir()
+    user = prepare_data(user_cfg, Path("rel_run"))
+    assert user == {"paired_input": tmp_path / "in", "paired_target": tmp_path / "gt", "unpaired": tmp_path / "real"}
