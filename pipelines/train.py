@@ -180,6 +180,9 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
     from services.student import train_loop_per_worker
 
     tc = cfg.train
+    # Ray Train would move each worker into its run folder; staying in the job's working
+    # directory, like every other actor, keeps relative paths (e.g. paths.weights_dir) valid.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     use_gpu = tc.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": tc.worker_resources.num_cpus}
     if use_gpu:
