@@ -155,8 +155,10 @@ def test_student_step_on_gpu_matches_cpu(ensembles):
     torch.backends.cudnn.allow_tf32 = cudnn_tf32
     (loss_c, grad_c), (loss_g, grad_g) = results["ref"], results["accel"]
     assert {"pixel", "pref_rank", "pref_anchor", "consistency"} <= set(loss_g)
+    # BRISQUE's table lookup (argmin over 0.001 steps) can land one step apart on the two
+    # devices: rewards then differ by ~1e-4, and Eq. 8 / 9 terms with them.
     for name, value in loss_c.items():
-        assert loss_g[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+        assert loss_g[name] == pytest.approx(value, rel=2e-3, abs=5e-4), name
     assert torch.isfinite(grad_g).all()
     cos = torch.nn.functional.cosine_similarity(grad_g, grad_c, dim=0)
     assert cos > 0.999, float(cos)
