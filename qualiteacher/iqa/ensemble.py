@@ -48,6 +48,8 @@ def soft_unit(u: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def metric_backend(exact: bool):
     """The convolution backend for one metric call; the caller's settings are restored after.
+    The settings are process-wide: metric calls come from one thread per process (a scorer
+    actor runs one call at a time, the student scores inside its step).
 
     Learned metrics: cuDNN, deterministic, no autotuning (what pyiqa's own forward sets).
     Hand-crafted metrics (``exact``): no cuDNN and no TF32. They compute local variances as
