@@ -43,6 +43,7 @@ def gradients_finite(model: torch.nn.Module) -> bool:
 
 
 def reward_fn(cfg: Config):
+    """The differentiable IQA reward of Eqs. 8-9, or None where no term of this run uses it."""
     needs = cfg.train.mode == "qualiteacher" and (cfg.loss.preference.enabled or cfg.loss.consistency.enabled)
     if not needs:
         return None
@@ -57,6 +58,7 @@ def reward_fn(cfg: Config):
 
 
 def perceptual_fn(cfg: Config, device: torch.device):
+    """The VGG perceptual loss on ``device``, or None where its weight is 0."""
     if cfg.loss.perceptual_weight <= 0:
         return None
     from qualiteacher.losses.perceptual import VGGPerceptualLoss
