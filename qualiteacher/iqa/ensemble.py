@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import logging
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
