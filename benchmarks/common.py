@@ -71,7 +71,7 @@ def bench_device(args: argparse.Namespace):
 
 
 def device_sync(device) -> Callable[[], None] | None:
-    """What `compare` calls after each timed call so that queued GPU work is counted."""
+    """What `compare` calls around each timed call so that queued GPU work is counted in full."""
     import torch
 
     return torch.cuda.synchronize if device.type == "cuda" else None

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> float:
 
     from qualiteacher.config import load_config
     from qualiteacher.models.build import build_model, count_parameters
+    from qualiteacher.models.injection import injection_parameters
 
     device = bench_device(args)
     cfg = load_config(args.config)
@@ -132,9 +133,8 @@ def main(argv: list[str] | None = None) -> float:
     base = build_model(cfg.model)
     # Non-zero injection so the condition really changes the output (it is zero-initialised).
     with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "score" in name or "inject" in name:
-                p.normal_(0, 0.02)
+        for p in injection_parameters(base).values():
+            p.normal_(0, 0.02)
     base.to(device)
     batch = {k: v.to(device) for k, v in make_batch(images, crop).items()}
     n = batch["x"].shape[0]

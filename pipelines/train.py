@@ -56,7 +56,8 @@ def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
     """User folders from config, else the bundled samples with synthetic degradations.
 
     Absolute paths: they are handed to Ray actors and Ray Train workers, whose working
-    directory is not the driver's (a relative `--run-dir` failed there).
+    directory need not be the driver's (a cluster started elsewhere; Ray Train used to move
+    its workers into the run folder, where a relative `--run-dir` failed).
     """
     d = cfg.data
     if d.paired_input_dir and d.paired_target_dir and d.unpaired_dir:

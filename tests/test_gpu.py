@@ -41,13 +41,13 @@ def _photos(n: int, size: int) -> torch.Tensor:
 
 def _model(cfg, seed: int = 0):
     from qualiteacher.models.build import build_model
+    from qualiteacher.models.injection import injection_parameters
 
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     with torch.no_grad():  # non-zero injection, so the score condition changes the output
-        for name, p in model.named_parameters():
-            if "inject" in name or "score" in name:
-                p.normal_(0, 0.05)
+        for p in injection_parameters(model).values():
+            p.normal_(0, 0.05)
     return model
 
 
@@ -108,8 +108,9 @@ def test_teacher_pseudo_labels_match_cpu():
     assert np.abs(pls_g.astype(int) - pls_c.astype(int)).max() <= 1
 
 
-def test_student_step_on_gpu_matches_cpu(ensembles):
+def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
     """The whole step of the student worker (pixel, Eq. 8, Eq. 9 with the real offline reward)."""
+    from qualiteacher.models.injection import injection_snapshot
     from qualiteacher.student_step import step_losses
 
     crop = 96
@@ -131,9 +132,6 @@ def test_student_step_on_gpu_matches_cpu(ensembles):
             return photos[:2], batch["pl"][:2, 0]
 
     class Bank:
-        def __init__(self, device):
-            self.device = device
-
         def sample(self, n, device):
             return {k: v.to(device) for k, v in batch.items()}
 
@@ -141,18 +139,16 @@ def test_student_step_on_gpu_matches_cpu(ensembles):
     results = {}
     # The student's own convolutions in exact float32 here: this checks that the step computes
     # the same function on both devices. (In training the GPU keeps PyTorch's TF32 default.)
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     for key, device in DEVICES.items():
         model = copy.deepcopy(base).to(device)
-        initial = {k: v.detach().clone() for k, v in model.named_parameters() if "inject" in k or "score" in k}
-        losses = step_losses(cfg, model, Paired(), Bank(device), ensembles[key].reward,
+        initial = injection_snapshot(model)
+        losses = step_losses(cfg, model, Paired(), Bank(), ensembles[key].reward,
                              np.random.default_rng(0), torch.Generator().manual_seed(5), torch.device(device),
                              step=1, initial_injection=initial)
         losses["total"].backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results[key] = ({k: float(v.detach()) for k, v in losses.items()}, grads.cpu())
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
     (loss_c, grad_c), (loss_g, grad_g) = results["ref"], results["accel"]
     assert {"pixel", "pref_rank", "pref_anchor", "consistency"} <= set(loss_g)
     # BRISQUE's table lookup (argmin over 0.001 steps) can land one step apart on the two

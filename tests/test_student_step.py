@@ -14,7 +14,7 @@ from qualiteacher.config import load_config
 from qualiteacher.losses.pixel import block_weighted_l1, l1
 from qualiteacher.losses.preference import preference_loss, sample_low_scores
 from qualiteacher.models.build import build_model
-from qualiteacher.models.injection import injection_snapshot
+from qualiteacher.models.injection import injection_parameters, injection_snapshot
 from qualiteacher.student_step import step_losses
 
 CROP = 32
@@ -55,9 +55,8 @@ def _model(cfg):
     torch.manual_seed(0)
     model = build_model(cfg.model)
     with torch.no_grad():  # non-zero injection so the conditions really differ
-        for name, p in model.named_parameters():
-            if "inject" in name or "score" in name:
-                p.normal_(0, 0.05)
+        for p in injection_parameters(model).values():
+            p.normal_(0, 0.05)
     return model
 
 

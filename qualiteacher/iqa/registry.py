@@ -7,8 +7,8 @@ parameter files it needs inside the weights folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PYIQA_DIR = "hub/pyiqa"  # pyiqa's own cache layout under the weights folder ($TORCH_HOME style)
