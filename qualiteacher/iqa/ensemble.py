@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qualiteacher.iqa import fast_filters
+from qualiteacher.iqa import pyiqa_speedups
 from qualiteacher.iqa.registry import MetricSpec, get_spec, reward_metric_weights
 from qualiteacher.iqa.weights import configure_pyiqa, require_weights
 
@@ -130,7 +130,7 @@ def load_metric(spec: MetricSpec, weights_dir: Path, device: torch.device) -> to
 
     require_weights(spec, weights_dir)
     configure_pyiqa(weights_dir)
-    fast_filters.install()
+    pyiqa_speedups.install()
     kwargs = dict(spec.create_kwargs)
     if spec.files and spec.name in ("brisque", "niqe"):
         kwargs["pretrained_model_path"] = str(weights_dir / spec.files[0].relpath)
