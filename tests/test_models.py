@@ -251,3 +251,27 @@ def test_restore_conditions_on_any_backbone_and_without_injection():
     plain = build_model(small_cfg("nafnet", condition=False))
     same = restore_conditions(plain, x, scores)
     assert torch.equal(same[:, 0], same[:, 1]) and torch.allclose(same[:, 0], plain(x))
+
+
+def test_nafnet_layernorm_normalises_each_pixel_over_channels():
+    """The fused LayerNorm2d against its definition (per pixel, over channels, biased
+    variance), values and gradients; NCHW-contiguous output for the convolutions after it."""
+    from qualiteacher.models.nafnet import LayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 6, 5, 7) * 3 + 1).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    mu = x_ref.mean(1, keepdim=True)
+    var = (x_ref - mu).pow(2).mean(1, keepdim=True)
+    expected = norm.weight.view(1, -1, 1, 1) * (x_ref - mu) / torch.sqrt(var + norm.eps) + norm.bias.view(1, -1, 1, 1)
+    out = norm(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
