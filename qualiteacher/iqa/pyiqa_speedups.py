@@ -16,9 +16,9 @@ were slow for reasons unrelated to the maths:
 
 Each replacement keeps pyiqa's operations and their order (tests/test_pyiqa_speedups.py:
 bit for bit on this machine, gradients included, since BRISQUE and NIQE are in the reward).
-`install()` points pyiqa's modules at them; it runs when the ensemble loads a metric. The
-tests compare against pyiqa's own functions, so a pyiqa upgrade that changes them fails
-there first.
+`install()` points pyiqa's modules at them; it runs when the ensemble loads a metric
+(`pyiqa_as_released()` undoes it for a block). The tests compare against pyiqa's own
+functions, so a pyiqa upgrade that changes them fails there first.
 """
 
 from __future__ import annotations
@@ -158,59 +158,42 @@ def resize_1d(x: torch.Tensor, dim: int, size: int, scale: float, kernel: str = 
     return (sample * weight).sum(dim=1, keepdim=True)
 
 
-_PYIQA_RESIZE_1D = []  # pyiqa's own resize_1d, kept by install() (it replaces it in place)
-
-
-def pyiqa_resize_1d():
-    """pyiqa's own `resize_1d`, whether or not `install()` has run (for comparisons)."""
-    from pyiqa.matlab_utils import resize
-
-    return _PYIQA_RESIZE_1D[0] if _PYIQA_RESIZE_1D else resize.resize_1d
-
-
-def _set(functions: dict[str, tuple]) -> None:
+def _replacements() -> dict:
+    """(pyiqa module, attribute) -> the function above that replaces it."""
     from pyiqa.archs import brisque_arch, niqe_arch
     from pyiqa.matlab_utils import resize
 
-    modules = {"niqe_arch": niqe_arch, "brisque_arch": brisque_arch, "resize": resize}
-    for key, function in functions.items():
-        module, name = key.split(".")
-        setattr(modules[module], name, function)
+    return {(niqe_arch, "normalize_img_with_gauss"): normalize_img_with_gauss,
+            (niqe_arch, "estimate_aggd_param"): estimate_aggd_param,
+            (brisque_arch, "estimate_aggd_param"): estimate_aggd_param,
+            (brisque_arch, "estimate_ggd_param"): estimate_ggd_param,
+            (resize, "resize_1d"): resize_1d}
 
 
-def _ours() -> dict:
-    return {"niqe_arch.normalize_img_with_gauss": normalize_img_with_gauss,
-            "niqe_arch.estimate_aggd_param": estimate_aggd_param,
-            "brisque_arch.estimate_aggd_param": estimate_aggd_param,
-            "brisque_arch.estimate_ggd_param": estimate_ggd_param,
-            "resize.resize_1d": resize_1d}
+_PYIQA_OWN: dict = {}
 
 
-def _pyiqa_own() -> dict:
-    from pyiqa.archs import func_util
-
-    return {"niqe_arch.normalize_img_with_gauss": func_util.normalize_img_with_gauss,
-            "niqe_arch.estimate_aggd_param": func_util.estimate_aggd_param,
-            "brisque_arch.estimate_aggd_param": func_util.estimate_aggd_param,
-            "brisque_arch.estimate_ggd_param": func_util.estimate_ggd_param,
-            "resize.resize_1d": pyiqa_resize_1d()}
+def pyiqa_own() -> dict:
+    """(pyiqa module, attribute) -> pyiqa's own function, read before `install()` first
+    replaces anything (for comparisons)."""
+    if not _PYIQA_OWN:
+        _PYIQA_OWN.update({target: getattr(*target) for target in _replacements()})
+    return _PYIQA_OWN
 
 
 def install() -> None:
-    """Point pyiqa's BRISQUE and NIQE at the functions above (idempotent; process-wide).
-    pyiqa's originals stay in `pyiqa.archs.func_util` (and `pyiqa_resize_1d()`)."""
-    from pyiqa.matlab_utils import resize
-
-    if not _PYIQA_RESIZE_1D and resize.resize_1d is not resize_1d:
-        _PYIQA_RESIZE_1D.append(resize.resize_1d)
-    _set(_ours())
+    """Point pyiqa's BRISQUE and NIQE at the functions above (idempotent; process-wide)."""
+    pyiqa_own()  # keep pyiqa's functions before the first replacement
+    for (module, name), function in _replacements().items():
+        setattr(module, name, function)
 
 
 @contextlib.contextmanager
 def pyiqa_as_released():
-    """pyiqa's own functions inside the block, the faster ones again after it (benchmarks
-    and tests compare the two)."""
-    _set(_pyiqa_own())
+    """pyiqa's own functions inside the block, the faster ones after it (benchmarks and
+    tests compare the two)."""
+    for (module, name), function in pyiqa_own().items():
+        setattr(module, name, function)
     try:
         yield
     finally:
