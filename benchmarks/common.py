@@ -60,14 +60,12 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def bench_device(args: argparse.Namespace):
     """The torch device named by ``--device``; a clear error when CUDA is asked for but absent."""
-    import torch
+    from qualiteacher.device import resolve_device
 
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}") from None
 
 
 def device_sync(device) -> Callable[[], None] | None:

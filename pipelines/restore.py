@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.checkpoint import CheckpointError, load_restorer
+from qualiteacher.device import resolve_device
 from qualiteacher.imageio import (
     ImageReadError,
     list_images,
@@ -31,14 +32,6 @@ from qualiteacher.models.injection import pad_to_multiple
 
 Result = tuple[Path, str | None]
 _MIN_TILE = 32
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:

@@ -67,7 +67,10 @@ def perceptual_fn(cfg: Config, device: torch.device):
 
 
 def step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection,
-            perceptual=None) -> dict:
+                perceptual=None) -> dict:
+    """Every loss of one step (name -> tensor, with "total"): supervised on a paired batch,
+    then on a bank batch the block-weighted pixel loss, perceptual, and after the warm-up
+    Eqs. 8-9. Without bank entries yet, the supervised loss alone."""
     tc, lc = cfg.train, cfg.loss
     x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
     x_p, y_p = x_p.to(device), y_p.to(device)

@@ -35,7 +35,7 @@ def test_flat_bank_batch_skips_reward_terms(weights_dir):
         return ensemble.reward(torch.full_like(y, 0.5)) + 0 * y.mean()
 
     out = step_losses(cfg, model, _Paired(), _FlatBank(), flat_reward, np.random.default_rng(0),
-                  torch.Generator().manual_seed(0), torch.device("cpu"), step=10,
-                  initial_injection=injection_snapshot(model))
+                      torch.Generator().manual_seed(0), torch.device("cpu"), step=10,
+                      initial_injection=injection_snapshot(model))
     assert "pixel" in out and torch.isfinite(out["total"])
     out["total"].backward()

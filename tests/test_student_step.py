@@ -93,7 +93,7 @@ def test_shared_forward_step_equals_one_forward_per_condition(fidelity):
     initial = injection_snapshot(model)
     paired, bank = _Paired(), _Bank()
     shared = step_losses(cfg, model, paired, bank, _reward, np.random.default_rng(0),
-                     torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
+                         torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
     assert {"pixel", "pref_rank", "pref_anchor", "pref_identity"} <= set(shared)
     assert ("pref_fidelity" in shared) == (fidelity > 0)
     reference_model = copy.deepcopy(model)
@@ -111,12 +111,12 @@ def test_padding_slots_do_not_count():
     model = _model(cfg)
     bank = _Bank()
     out = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
-                  torch.device("cpu"), step=0, initial_injection=None)
+                      torch.device("cpu"), step=0, initial_injection=None)
     bank.batch["pl"][2, 1:] = 1e3  # garbage in the padding slots changes nothing
     again = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
-                    torch.device("cpu"), step=0, initial_injection=None)
+                        torch.device("cpu"), step=0, initial_injection=None)
     assert torch.equal(out["pixel"], again["pixel"])
     bank.batch["pl"][2, 0] = 1e3  # the one real slot of image 2 does count
     third = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
-                    torch.device("cpu"), step=0, initial_injection=None)
+                        torch.device("cpu"), step=0, initial_injection=None)
     assert third["pixel"] > 10 * out["pixel"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qualiteacher.device import resolve_device
 from qualiteacher.iqa import pyiqa_speedups
 from qualiteacher.iqa.registry import MetricSpec, get_spec, reward_metric_weights
 from qualiteacher.iqa.weights import configure_pyiqa, require_weights
@@ -114,14 +115,6 @@ def _with_ranges(specs: dict[str, MetricSpec],
                  ranges: Mapping[str, tuple[float, float]] | None) -> dict[str, MetricSpec]:
     return {name: replace(spec, low=float(ranges[name][0]), high=float(ranges[name][1]))
             if ranges and name in ranges else spec for name, spec in specs.items()}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("iqa.device is 'cuda' but CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def load_metric(spec: MetricSpec, weights_dir: Path, device: torch.device) -> torch.nn.Module:
