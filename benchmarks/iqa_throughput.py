@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> float:
 
     device = bench_device(args)
     sync = device_sync(device)
-    max_pixels = load_config(args.config).iqa.max_batch_pixels
+    max_pixels = load_config(args.config).iqa.batch_pixels_for(device.type)
     ensemble = IQAEnsemble(METRICS, iqa_weights_dir(), device.type, max_batch_pixels=max_pixels)
+    cap_text = f"at most {max_pixels} pixels per metric call" if max_pixels else "one call per metric"
     one_call = copy.copy(ensemble)  # the same loaded metrics, no pixel limit
     one_call.max_batch_pixels = None
     x = to_batch(sample_images(n, args.size)).to(device)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> float:
     header("IQA scoring + block weight maps: batched (scorer) vs per image, per block (reference)", args.fast, [
         (f"metrics {METRICS}; {n} images of {args.size} px; grid {args.grid}x{args.grid} "
         f"({block} px blocks, block metrics {ensemble.block_metric_names(block)}); "
-        f"scorer path: at most {max_pixels} pixels per metric call (iqa.max_batch_pixels of {args.config}); "
+        f"scorer path: {cap_text} (iqa.max_batch_pixels of {args.config} for {device.type}); "
         f"{warmup} warm-up + {reps} timed repetitions each, median; device {device}"),
     ])
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> float:
         reference: keep(reference, lambda: reference_path(ensemble, x, args.grid)),
         released: keep(released, reference_as_released),
     }
-    if not args.fast:
+    if not args.fast and max_pixels:  # without a cap the scorer path is this row already
         ways[single] = keep(single, lambda: batched_path(one_call, x, args.grid))
     timings = compare(ways, reps=reps, warmup=warmup, sync=sync)
     per_call = max(1, (max_pixels or n * args.size ** 2) // args.size ** 2)

@@ -43,6 +43,11 @@ BAD_YAML = {
                                "'niqe' is not in iqa.metrics"),
     "reward_no_gradients": ("iqa:\n  reward_metrics: {piqe: 1}\n", "iqa", "'piqe' has no gradients"),
     "reward_all_zero": ("iqa:\n  reward_metrics: {niqe: 0}\n", "iqa", "weight > 0"),
+    "batch_pixels_zero": ("iqa:\n  max_batch_pixels: 0\n", "iqa.max_batch_pixels", "0 is not a number of pixels"),
+    "batch_pixels_device": ("iqa:\n  max_batch_pixels: {tpu: 5}\n", "iqa.max_batch_pixels",
+                            "unknown device type 'tpu'"),
+    "batch_pixels_text": ("iqa:\n  max_batch_pixels: {cuda: many}\n", "iqa.max_batch_pixels",
+                          "'many' for cuda is not"),
     "inconsistent": ("model:\n  enc_blocks: [1, 1]\n  dec_blocks: [1]\n", "model", "same length"),
 }
 

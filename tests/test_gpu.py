@@ -75,6 +75,20 @@ def test_ensemble_and_block_scores_match_cpu(ensembles):
     torch.testing.assert_close(blocks_g, one_by_one, rtol=1e-4, atol=1e-4)
 
 
+def test_one_call_per_metric_matches_capped_calls(ensembles):
+    """On a GPU the configs score a batch in one call per metric (`iqa.max_batch_pixels`
+    {cuda: null}); the same scores as the CPU's cap of one 288 px image per call."""
+    x = _photos(6, 288).to(CUDA)
+    capped = ensembles["accel"]
+    one_call = copy.copy(capped)
+    one_call.max_batch_pixels = None
+    # On the method's 0-1 scale, as above (batch size changes the rounding: BRISQUE ~1e-4).
+    whole, chunked = one_call.normalize(one_call.raw_scores(x)), capped.normalize(capped.raw_scores(x))
+    gaps = {name: float((whole[name] - chunked[name]).abs().max()) for name in METRICS}
+    assert max(gaps.values()) < 1e-3, gaps
+    torch.testing.assert_close(one_call.block_scores(x, 3), capped.block_scores(x, 3), rtol=1e-4, atol=1e-4)
+
+
 def test_reward_and_its_gradient_match_cpu(ensembles):
     x = _photos(2, 128)
     grads, values = {}, {}

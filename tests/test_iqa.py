@@ -87,6 +87,22 @@ def test_batch_scoring_matches_single(offline_ensemble, calibration_dir):
             assert abs(batched[name][i].item() - single[name].item()) < 1e-3 * max(1, abs(single[name].item()))
 
 
+def test_pixel_cap_is_chosen_per_device_type(weights_dir):
+    """`iqa.max_batch_pixels` may hold one cap per device type; the ensemble takes its own."""
+    from pathlib import Path
+
+    from qualiteacher.config import load_config
+
+    quickstart = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    cfg = load_config(quickstart, [f"paths.weights_dir={weights_dir}", "iqa.device=cpu"])
+    assert cfg.iqa.max_batch_pixels == {"cpu": 82944, "cuda": None}
+    assert (cfg.iqa.batch_pixels_for("cpu"), cfg.iqa.batch_pixels_for("cuda")) == (82944, None)
+    assert IQAEnsemble.from_config(cfg).max_batch_pixels == 82944
+    only_gpu = load_config(quickstart, ["iqa.max_batch_pixels={cuda: 4096}"]).iqa
+    assert (only_gpu.batch_pixels_for("cpu"), only_gpu.batch_pixels_for("cuda")) == (None, 4096)
+    assert load_config(quickstart, ["iqa.max_batch_pixels=4096"]).iqa.batch_pixels_for("cuda") == 4096
+
+
 def test_pixel_limited_calls_give_the_same_scores(offline_ensemble, calibration_dir):
     """`max_batch_pixels` splits each metric call into chunks; the scores do not change."""
     import copy

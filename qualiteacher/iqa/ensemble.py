@@ -189,8 +189,9 @@ class IQAEnsemble:
     @classmethod
     def from_config(cls, cfg) -> IQAEnsemble:
         """Build from a `Config` (uses cfg.iqa and cfg.paths)."""
-        return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device, cfg.iqa.ranges,
-                   cfg.iqa.max_batch_pixels, cfg.iqa.reward_metrics)
+        device = resolve_device(cfg.iqa.device)
+        return cls(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), str(device), cfg.iqa.ranges,
+                   cfg.iqa.batch_pixels_for(device.type), cfg.iqa.reward_metrics)
 
     def with_ranges(self, ranges: Mapping[str, tuple[float, float]]) -> IQAEnsemble:
         """The same loaded metrics, normalised with other ranges."""
