@@ -32,10 +32,12 @@ def small_cfg(arch: str, condition: bool = True) -> ModelConfig:
 
 
 def perturb(model: nn.Module, scale: float = 0.05) -> None:
-    """Move every parameter off its init so zero-init blocks (NAFNet beta/gamma) do something."""
+    """Move every parameter off its init so zero-init blocks (NAFNet beta/gamma) do something.
+    The same values whatever the layout (`randn_like` of a channels-last weight would fill
+    it in memory order)."""
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
+            p.add_(scale * torch.randn(p.shape, dtype=p.dtype, device=p.device))
 
 
 def image(h: int = 37, w: int = 53, n: int = 2) -> torch.Tensor:
@@ -275,3 +277,32 @@ def test_nafnet_layernorm_normalises_each_pixel_over_channels():
     (out * upstream).sum().backward()
     (expected * upstream).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_last_changes_speed_not_results(arch):
+    """`model.channels_last` (the default) keeps weights and activations NHWC in memory: same
+    state dict, same outputs and gradients as the NCHW network to float rounding, and the
+    output comes back in the caller's layout."""
+    torch.manual_seed(0)
+    nchw = build_model(small_cfg(arch).model_copy(update={"channels_last": False}))
+    perturb(nchw)
+    nhwc = build_model(small_cfg(arch))
+    nhwc.load_state_dict(nchw.state_dict())
+    conv_weights = [m.weight for m in nhwc.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    assert any(not w.is_contiguous() for w in conv_weights)  # (1x1 and depthwise kernels are both)
+    x, scores = image(), torch.tensor([[7.0, 3.0], [5.0, 7.0]])
+    outs, grads = {}, {}
+    for name, model in (("nchw", nchw), ("nhwc", nhwc)):
+        model.zero_grad()
+        y, ys = model(x, 6.0), restore_conditions(model, x, scores)
+        (y.square().mean() + ys.abs().mean()).backward()
+        assert y.is_contiguous() and ys.is_contiguous()
+        outs[name], grads[name] = (y.detach(), ys.detach()), {k: p.grad for k, p in model.named_parameters()}
+    for a, b in zip(outs["nhwc"], outs["nchw"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for key, grad in grads["nchw"].items():
+        torch.testing.assert_close(grads["nhwc"][key], grad, rtol=1e-4, atol=1e-6, msg=key)
+    nhwc_in = x.contiguous(memory_format=torch.channels_last)
+    assert nhwc(nhwc_in, 6.0).is_contiguous(memory_format=torch.channels_last)

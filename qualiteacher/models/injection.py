@@ -284,19 +284,29 @@ class ConditionedRestorer(nn.Module):
 
     Subclasses build `intro`, `encoders`, `downs`, `middle`, `ups`, `decoders`, `ending`,
     define `merge` (how an upsampled feature meets its skip), and call
-    `attach_bottleneck_injection`. `forward(x, score)`: score None means `score_cap`;
+    `attach_bottleneck_injection` and `use_channels_last`. `forward(x, score)`: score None means `score_cap`;
     scores above the cap are capped. Without conditioning the score is accepted and ignored,
     so callers need not branch.
     """
 
     pad_multiple: int = 1
     score_cap: float = 7.0
+    channels_last: bool = False
 
     def attach_bottleneck_injection(self, cfg) -> None:
         """Score injection at the bottleneck ("middle"), when the config asks for it."""
         if cfg.score_condition:
             bottleneck = cfg.width * 2 ** len(cfg.enc_blocks)
             attach_score_injection(self, ["middle"], cfg.score_frequencies, cfg.score_max, channels=bottleneck)
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """Weights and activations channels-last from now on (`ModelConfig.channels_last`)."""
+        self.channels_last = enabled
+        if enabled:
+            self.to(memory_format=torch.channels_last)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def merge(self, up: nn.Module, h: Tensor, skip: Tensor) -> Tensor:
         raise NotImplementedError
@@ -333,7 +343,7 @@ class ConditionedRestorer(nn.Module):
         if n != x.shape[0]:
             raise ValueError(f"scores must be [{x.shape[0]}, K], got {tuple(scores.shape)}")
         h_in, w_in = x.shape[-2:]
-        h, skips = self.encode(pad_to_multiple(x, self.pad_multiple))
+        h, skips = self.encode(self._layout(pad_to_multiple(x, self.pad_multiple)))
         h, skips = h.repeat_interleave(k, 0), [s.repeat_interleave(k, 0) for s in skips]
         flat = scores.reshape(n * k)
         if getattr(self, INJECTION_ATTR, None) is None:
@@ -346,7 +356,7 @@ class ConditionedRestorer(nn.Module):
 
     def forward(self, x: Tensor, score: Tensor | float | None = None) -> Tensor:
         n, _, h, w = x.shape
-        xp = pad_to_multiple(x, self.pad_multiple)
+        xp = self._layout(pad_to_multiple(x, self.pad_multiple))
         if getattr(self, INJECTION_ATTR, None) is None:
             out = self.body(xp)
         else:
@@ -354,4 +364,4 @@ class ConditionedRestorer(nn.Module):
                 self, as_score_tensor(score, n, x.device, self.score_cap)
             ):
                 out = self.body(xp)
-        return x + out[..., :h, :w]
+        return x + out[..., :h, :w]  # in x's layout (the first operand's)

@@ -22,9 +22,9 @@ class LayerNorm2d(nn.Module):
     One fused `layer_norm` on the channels-last view rather than mean/var/normalise as
     separate ops: the quickstart student's training step is a fifth faster on a CPU (the
     element-wise passes and their backward were a large share of it), and it is one kernel
-    on a GPU. The result is made contiguous again so that the convolutions keep NCHW
-    (left channels-last, the layout spreads through the network). Same parameters and
-    checkpoints as before.
+    on a GPU. The result keeps the input's layout: with channels-last activations
+    (`ModelConfig.channels_last`) the view is already contiguous and nothing is copied.
+    Same parameters and checkpoints as before.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6):
@@ -35,7 +35,8 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2).contiguous()
+        nhwc = x.is_contiguous(memory_format=torch.channels_last)
+        return y.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
 
 class SimpleGate(nn.Module):
@@ -101,6 +102,7 @@ class NAFNet(ConditionedRestorer):
             self.decoders.append(_blocks(c, n))
         self.ending = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         self.attach_bottleneck_injection(cfg)
+        self.use_channels_last(cfg.channels_last)
 
     def merge(self, up: nn.Module, h: Tensor, skip: Tensor) -> Tensor:
         return up(h) + skip

@@ -69,6 +69,7 @@ class UNet(ConditionedRestorer):
             self.decoders.append(_blocks(c, n))
         self.ending = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
         self.attach_bottleneck_injection(cfg)
+        self.use_channels_last(cfg.channels_last)
 
     def merge(self, up: nn.Module, h: Tensor, skip: Tensor) -> Tensor:
         return up(h, skip)
