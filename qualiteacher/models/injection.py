@@ -284,9 +284,9 @@ class ConditionedRestorer(nn.Module):
 
     Subclasses build `intro`, `encoders`, `downs`, `middle`, `ups`, `decoders`, `ending`,
     define `merge` (how an upsampled feature meets its skip), and call
-    `attach_bottleneck_injection` and `use_channels_last`. `forward(x, score)`: score None means `score_cap`;
-    scores above the cap are capped. Without conditioning the score is accepted and ignored,
-    so callers need not branch.
+    `attach_bottleneck_injection` and `use_channels_last`. `forward(x, score)`: score None
+    means `score_cap`; scores above the cap are capped. Without conditioning the score is
+    accepted and ignored, so callers need not branch.
     """
 
     pad_multiple: int = 1

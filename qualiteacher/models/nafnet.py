@@ -36,7 +36,8 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
         nhwc = x.is_contiguous(memory_format=torch.channels_last)
-        return y.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        layout = torch.channels_last if nhwc else torch.contiguous_format
+        return y.permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
 
 class PointwiseConv(nn.Conv2d):
