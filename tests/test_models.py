@@ -306,3 +306,40 @@ def test_channels_last_changes_speed_not_results(arch):
         torch.testing.assert_close(grads["nhwc"][key], grad, rtol=1e-4, atol=1e-6, msg=key)
     nhwc_in = x.contiguous(memory_format=torch.channels_last)
     assert nhwc(nhwc_in, 6.0).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gradients_have_their_parameters_strides(arch, channels_last):
+    """DDP (Ray Train with several workers) warns about and copies every gradient whose
+    strides differ from its parameter's, size-1 dimensions included."""
+    model = build_model(small_cfg(arch).model_copy(update={"channels_last": channels_last}))
+    model(image(), 5.0).square().mean().backward()
+    mismatched = {name: (p.stride(), p.grad.stride()) for name, p in model.named_parameters()
+                  if p.stride() != p.grad.stride()}
+    assert not mismatched, mismatched
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_channels_last_reaches_every_layer(arch):
+    """With `channels_last`, every module of the network sees NHWC activations, through
+    `forward` and through the shared-encoder path (an op that returns NCHW, such as
+    `repeat_interleave`, would send the rest of the network down the slow NCHW kernels)."""
+    model = build_model(small_cfg(arch))
+    names = {module: name for name, module in model.named_modules()}
+    nchw = set()
+
+    def check(module, args):
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[1:]) > 1:
+            if not x.is_contiguous(memory_format=torch.channels_last):
+                nchw.add(names[module])
+
+    handles = [m.register_forward_pre_hook(check) for m in model.modules() if m is not model]
+    try:
+        model(image(), 5.0)
+        restore_conditions(model, image(), torch.tensor([[7.0, 3.0], [5.0, 7.0]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not nchw, sorted(nchw)

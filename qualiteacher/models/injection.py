@@ -300,10 +300,19 @@ class ConditionedRestorer(nn.Module):
             attach_score_injection(self, ["middle"], cfg.score_frequencies, cfg.score_max, channels=bottleneck)
 
     def use_channels_last(self, enabled: bool) -> None:
-        """Weights and activations channels-last from now on (`ModelConfig.channels_last`)."""
+        """Weights and activations channels-last from now on (`ModelConfig.channels_last`).
+
+        Convolution kernels get the strides that autograd gives their gradients, size-1
+        dimensions included: DDP warns about (and copies) every gradient whose strides
+        differ from its parameter's. A module that computes a 1x1 convolution as a matrix
+        product (its gradient then has default strides) says so with
+        `channels_last_weight = False`."""
         self.channels_last = enabled
-        if enabled:
-            self.to(memory_format=torch.channels_last)
+        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+        for module in convs if enabled else []:
+            if getattr(module, "channels_last_weight", True):
+                weight = module.weight.data
+                module.weight.data = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -344,7 +353,9 @@ class ConditionedRestorer(nn.Module):
             raise ValueError(f"scores must be [{x.shape[0]}, K], got {tuple(scores.shape)}")
         h_in, w_in = x.shape[-2:]
         h, skips = self.encode(self._layout(pad_to_multiple(x, self.pad_multiple)))
-        h, skips = h.repeat_interleave(k, 0), [s.repeat_interleave(k, 0) for s in skips]
+        # repeat_interleave returns NCHW whatever its input's layout
+        h = self._layout(h.repeat_interleave(k, 0))
+        skips = [self._layout(s.repeat_interleave(k, 0)) for s in skips]
         flat = scores.reshape(n * k)
         if getattr(self, INJECTION_ATTR, None) is None:
             out = self.decode(h, skips)
