@@ -308,9 +308,10 @@ class ConditionedRestorer(nn.Module):
         product (its gradient then has default strides) says so with
         `channels_last_weight = False`."""
         self.channels_last = enabled
-        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
-        for module in convs if enabled else []:
-            if getattr(module, "channels_last_weight", True):
+        if not enabled:
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d) and getattr(module, "channels_last_weight", True):
                 weight = module.weight.data
                 module.weight.data = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
 
@@ -322,7 +323,7 @@ class ConditionedRestorer(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The condition-free part: everything before the bottleneck (and the skips)."""
-        h = self.intro(x)
+        h = self.intro(self._layout(x))
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             h = encoder(h)
@@ -352,7 +353,7 @@ class ConditionedRestorer(nn.Module):
         if n != x.shape[0]:
             raise ValueError(f"scores must be [{x.shape[0]}, K], got {tuple(scores.shape)}")
         h_in, w_in = x.shape[-2:]
-        h, skips = self.encode(self._layout(pad_to_multiple(x, self.pad_multiple)))
+        h, skips = self.encode(pad_to_multiple(x, self.pad_multiple))
         # repeat_interleave returns NCHW whatever its input's layout
         h = self._layout(h.repeat_interleave(k, 0))
         skips = [self._layout(s.repeat_interleave(k, 0)) for s in skips]
@@ -367,7 +368,7 @@ class ConditionedRestorer(nn.Module):
 
     def forward(self, x: Tensor, score: Tensor | float | None = None) -> Tensor:
         n, _, h, w = x.shape
-        xp = self._layout(pad_to_multiple(x, self.pad_multiple))
+        xp = pad_to_multiple(x, self.pad_multiple)
         if getattr(self, INJECTION_ATTR, None) is None:
             out = self.body(xp)
         else:
