@@ -93,28 +93,40 @@ log = logging.getLogger("benchmarks.quality")
 # ---------------------------------------------------------------------------- arguments
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    add_run_arguments(parser, out=Path("runs/quality"))
+    parser.add_argument("--grid-images", type=int, default=None, help="test images in the before/after grid (2; fast 1)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="do not train: evaluate the runs an earlier call left under --out (same tasks)")
+    args = parser.parse_args(argv)
+    finish_run_arguments(parser, args)
+    args.grid_n = args.grid_images or (1 if args.fast else 2)
+    return args
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The arguments this benchmark shares with `benchmarks.ablation`: tasks, budget, sets, sweep."""
     parser.add_argument("--tasks", default="haze",
                         help=f"comma-separated tasks, or 'all' ({', '.join(TASKS)}); default haze")
     parser.add_argument("--budget", type=Path, default=None,
                         help=f"config with the training budget (default {DEFAULT_BUDGET}; fast: {FAST_BUDGET})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every run, e.g. --set train.steps=400 (repeatable)")
-    parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="report folder (default runs/quality)")
+    parser.add_argument("--out", type=Path, default=out, help=f"report folder (default {out})")
     parser.add_argument("--sweep", default=None,
                         help="comma-separated score conditions for the controllability sweep (default 0..7)")
     parser.add_argument("--crops-per-image", type=int, default=None,
                         help="crops per source photo in every set (default 4; fast 2)")
     parser.add_argument("--n-test", type=int, default=2, help="source photos held out for the test set (default 2)")
-    parser.add_argument("--grid-images", type=int, default=None, help="test images in the before/after grid (2; fast 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of this process (pretraining, restoring, scoring; default 1: "
                              "on a busy 2-core machine 2 threads can be several times slower)")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="do not train: evaluate the runs an earlier call left under --out (same tasks)")
     parser.add_argument("--fast", action="store_true",
                         help="tiny budget (smoke model, a few steps, reduced sweep): checks that it runs; "
                              "the numbers mean nothing")
-    args = parser.parse_args(argv)
+
+
+def finish_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the shared arguments and add what follows from them (task_list, sweep_scores, ...)."""
     args.task_list = list(TASKS) if args.tasks.strip() == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.task_list if t not in TASKS]
     if unknown or not args.task_list:
@@ -126,11 +138,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if len(args.sweep_scores) < 2:
             parser.error("--sweep needs at least two conditions")
     args.crops = args.crops_per_image or (2 if args.fast else 4)
-    args.grid_n = args.grid_images or (1 if args.fast else 2)
     args.budget_path = args.budget or (FAST_BUDGET if args.fast else DEFAULT_BUDGET)
     if not args.budget_path.is_absolute() and not args.budget_path.exists():
         args.budget_path = repo_root() / args.budget_path
-    return args
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
@@ -234,6 +244,41 @@ def calibrated_sweep(sweep: list[dict], common: set[str], ensemble, run_dir: Pat
     return spearman([p["score"] for p in sweep], curve) | {"ranges": {k: list(v) for k, v in fitted.ranges.items()}}
 
 
+def controllability(checkpoint: Path, sets: dict[str, Path], ensemble, folder_stem: Path,
+                    scores: Sequence[float], run_dir: Path) -> tuple[list[dict], dict]:
+    """Restore the test set at every condition in ``scores`` (into ``<folder_stem>_<score>``)
+    and evaluate: (one point per condition, Spearman rho between condition and NR ensemble).
+
+    The curve uses the images that every condition's output could be scored on, so each
+    point averages the same images.
+    """
+    from pipelines.restore import restore_folder
+
+    test_in, test_gt = sets["test/input"], sets["test/target"]
+    sweep = []
+    for score in scores:
+        folder = folder_stem.with_name(f"{folder_stem.name}_{score:g}")
+        _restore(restore_folder, checkpoint, test_in, folder, score)
+        sweep.append(evaluate(folder, ensemble, test_gt) | {"score": score})
+    common = scored_names(*sweep)
+    for point in sweep:
+        point["ensemble_scored"] = point["ensemble"]  # mean over this condition's own scored images
+        point["ensemble"] = common_nr_mean(point, common)
+        point["images"] = len(common)
+        point.pop("normalized", None)
+        point.pop("folder", None)
+    xs = [s["score"] for s in sweep]
+    rho = spearman(xs, [s["ensemble"] for s in sweep]) if common else {"rho": float("nan"), "p_value": float("nan")}
+    per_image_rho = [spearman(xs, [next(i["ensemble"] for i in s["per_image"] if i["file"] == name)
+                                   for s in sweep])["rho"] for name in sorted(common)]
+    finite = [r for r in per_image_rho if np.isfinite(r)]
+    rho["per_image_median"] = float(np.median(finite)) if finite else float("nan")
+    rho["images"] = len(common)
+    rho["met"] = bool(np.isfinite(rho["rho"]) and rho["rho"] >= TARGET_SPEARMAN)
+    rho["calibrated"] = calibrated_sweep(sweep, common, ensemble, run_dir)
+    return sweep, rho
+
+
 def compare_methods(methods: dict[str, dict]) -> tuple[dict, bool]:
     """QualiTeacher @7 minus teacher and minus baseline, in PSNR and NR ensemble (the NR
     means over the images both sides could score; ``images`` says how many)."""
@@ -278,31 +323,9 @@ def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
         _restore(restore_folder, checkpoint, test_in, folders[name], cap)
     methods = {name: evaluate(folder, ensemble, test_gt) for name, folder in folders.items()}
     ground_truth = evaluate(test_gt, ensemble, None)
-    sweep = []
-    for score in args.sweep_scores:
-        folder = restored / f"qualiteacher_score_{score:g}"
-        _restore(restore_folder, sources["qualiteacher"], test_in, folder, score)
-        sweep.append(evaluate(folder, ensemble, test_gt) | {"score": score})
+    sweep, rho = controllability(sources["qualiteacher"], sets, ensemble, restored / "qualiteacher_score",
+                                 args.sweep_scores, task_dir / "qualiteacher")
     timings["evaluate"] = time.perf_counter() - t0
-
-    # The curve uses the images that every condition's output could be scored on, so each
-    # point averages the same images.
-    common = scored_names(*sweep)
-    for point in sweep:
-        point["ensemble_scored"] = point["ensemble"]  # mean over this condition's own scored images
-        point["ensemble"] = common_nr_mean(point, common)
-        point["images"] = len(common)
-        point.pop("normalized", None)
-        point.pop("folder", None)
-    scores = [s["score"] for s in sweep]
-    rho = spearman(scores, [s["ensemble"] for s in sweep]) if common else {"rho": float("nan"), "p_value": float("nan")}
-    per_image_rho = [spearman(scores, [next(i["ensemble"] for i in s["per_image"] if i["file"] == name)
-                                       for s in sweep])["rho"] for name in sorted(common)]
-    finite = [r for r in per_image_rho if np.isfinite(r)]
-    rho["per_image_median"] = float(np.median(finite)) if finite else float("nan")
-    rho["images"] = len(common)
-    rho["met"] = bool(np.isfinite(rho["rho"]) and rho["rho"] >= TARGET_SPEARMAN)
-    rho["calibrated"] = calibrated_sweep(sweep, common, ensemble, task_dir / "qualiteacher")
     comparisons, won = compare_methods(methods)
     result = {"methods": methods, "ground_truth": ground_truth, "sweep": sweep, "spearman": rho,
               "comparisons": comparisons, "won": won, "runs": runs,
@@ -314,8 +337,16 @@ def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
 
 def _train_task(task: str, args: argparse.Namespace, task_dir: Path, overrides: list[str], base_cfg):
     """Sets, one stage-1 model, and the two students: (sets, stage1 files, runs, timings)."""
-    from pipelines.train import run as train_run
-    from qualiteacher.config import load_config
+    sets, stage1, timings = prepare_task(task, args, task_dir, overrides, base_cfg)
+    runs: dict[str, dict] = {}
+    for mode in ("qualiteacher", "baseline"):
+        runs[mode], timings[f"train_{mode}"] = train_student(task, args, task_dir / mode, overrides, sets,
+                                                             stage1[mode], [f"train.mode={mode}"])
+    return sets, stage1, runs, timings
+
+
+def prepare_task(task: str, args: argparse.Namespace, task_dir: Path, overrides: list[str], base_cfg):
+    """A fresh task folder with the sets and the stage-1 models: (sets, stage1 files, timings)."""
     from qualiteacher.data.samples import make_task_sets
 
     if task_dir.exists():
@@ -333,23 +364,29 @@ def _train_task(task: str, args: argparse.Namespace, task_dir: Path, overrides: 
     stage1 = stage1_models(base_cfg, args, overrides, sets, task_dir, task)
     timings["pretrain"] = time.perf_counter() - t0
     print(f"[{task}] stage-1 teacher: {base_cfg.pretrain.steps} steps in {timings['pretrain']:.0f} s", flush=True)
+    return sets, stage1, timings
+
+
+def train_student(task: str, args: argparse.Namespace, run_dir: Path, overrides: list[str], sets: dict[str, Path],
+                  stage1: Path, extra: list[str]) -> tuple[dict, float]:
+    """One student run from ``stage1`` on the task's sets, in its own run folder, Ray
+    namespace and embedded Redis: (run info, seconds). ``extra``: this run's own overrides."""
+    from pipelines.train import run as train_run
+    from qualiteacher.config import load_config
 
     shared = [f"data.paired_input_dir={sets['paired/input'].resolve()}",
               f"data.paired_target_dir={sets['paired/target'].resolve()}",
               f"data.unpaired_dir={sets['unpaired/input'].resolve()}"]
-    runs: dict[str, dict] = {}
-    for mode in ("qualiteacher", "baseline"):
-        namespace = f"quality-{task}-{mode}-{os.getpid()}"
-        cfg = load_config(args.budget_path, overrides + shared + [
-            f"train.mode={mode}", f"ray.namespace={namespace}", f"pretrain.checkpoint={stage1[mode].resolve()}"])
-        t0 = time.perf_counter()
-        summary = train_run(cfg, task_dir / mode)
-        timings[f"train_{mode}"] = time.perf_counter() - t0
-        runs[mode] = _run_info(summary, task_dir / mode)
-        print(f"[{task}] {mode}: {summary['steps']} steps, teacher version {summary['teacher_version']}, "
-              f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
-              f"dropped {summary['dropped']}, {timings[f'train_{mode}']:.0f} s", flush=True)
-    return sets, stage1, runs, timings
+    namespace = f"quality-{task}-{run_dir.name}-{os.getpid()}"
+    cfg = load_config(args.budget_path, overrides + shared + list(extra) + [
+        f"ray.namespace={namespace}", f"pretrain.checkpoint={stage1.resolve()}"])
+    t0 = time.perf_counter()
+    summary = train_run(cfg, run_dir)
+    seconds = time.perf_counter() - t0
+    print(f"[{task}] {run_dir.name}: {summary['steps']} steps, teacher version {summary['teacher_version']}, "
+          f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
+          f"dropped {summary['dropped']}, {seconds:.0f} s", flush=True)
+    return _run_info(summary, run_dir), seconds
 
 
 def _run_info(summary: dict, run_dir: Path) -> dict:

@@ -64,3 +64,59 @@ def test_quality_rejects_unknown_task():
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--tasks", "fog"])
+
+
+def test_ablation_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
+    """Rows (a) and (b): the unconditioned and the conditioned start, the sweep, the margins."""
+    from benchmarks import ablation
+
+    out = tmp_path / "ablation"
+    results = ablation.main(["--fast", "--tasks", "haze", "--rows", "b,a", "--out", str(out)])
+
+    for name in ("ablation.md", "ablation.json", "ablation.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    task = json.loads((out / "ablation.json").read_text())["tasks"]["haze"]
+    assert list(task["rows"]) == ["a", "b"]  # table order, whatever the order asked
+    a, b = task["rows"]["a"], task["rows"]["b"]
+    assert "model.score_condition=false" in a["overrides"] and "spearman" not in a
+    assert [p["score"] for p in b["sweep"]] == list(ablation.FAST_SWEEP)
+    for row in (a, b):
+        assert row["run"]["steps"] == 4
+        assert all(math.isfinite(row["at_cap"][m]) for m in ("psnr", "ssim", "ensemble"))
+    assert "vs_previous" not in a and isinstance(b["helps"], bool)
+    assert b["vs_previous"]["psnr"] == pytest.approx(b["at_cap"]["psnr"] - a["at_cap"]["psnr"])
+    assert results["parts_compared"] == 1 and results["parts_helping"] == int(b["helps"])
+    assert "FAST MODE" in (out / "ablation.md").read_text()
+
+    result = parse_result([line for line in capsys.readouterr().out.splitlines() if line.strip()][-1])
+    assert (result.name, result.value, result.target) == ("ablation_parts_helping", results["parts_helping"], 1.0)
+
+
+def _at_cap(psnr: float, nr: list[float]) -> dict:
+    per_image = [{"file": f"{i}.png", "psnr": psnr, "ensemble": v} for i, v in enumerate(nr)]
+    finite = [v for v in nr if math.isfinite(v)]
+    return {"psnr": psnr, "ensemble": sum(finite) / len(finite), "per_image": per_image}
+
+
+def test_ablation_marks_a_part_helping_only_next_to_the_row_it_adds_to():
+    from benchmarks.ablation import mark_helping
+
+    teacher = _at_cap(17.0, [8.0, 8.0])
+    rows = {"a": {"at_cap": _at_cap(17.5, [8.0, 8.0])},
+            "b": {"at_cap": _at_cap(17.6, [8.2, float("nan")])},  # NR over the image both sides scored
+            "c": {"at_cap": _at_cap(17.7, [7.9, 8.5])},
+            "e": {"at_cap": _at_cap(18.0, [9.0, 9.0])}}  # (d) not run: (e) has no row before it
+    mark_helping(rows, teacher)
+    assert rows["b"]["helps"] and rows["b"]["vs_previous"]["nr_images"] == 1
+    assert rows["b"]["vs_previous"]["ensemble"] == pytest.approx(0.2)
+    assert not rows["c"]["helps"]  # PSNR up, NR down
+    assert "helps" not in rows["a"] and "helps" not in rows["e"]
+    assert rows["e"]["vs_teacher"]["psnr"] == pytest.approx(1.0)
+
+
+def test_ablation_rejects_unknown_row():
+    from benchmarks import ablation
+
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--rows", "a,f"])

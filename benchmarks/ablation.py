@@ -1,0 +1,288 @@
+"""The paper's ablation (its Table 3): rows (a) to (e), each adding one part of the method.
+
+    python -m benchmarks.ablation --tasks haze [--rows a,b,c,d,e] [--out runs/ablation] \
+        [--budget configs/quality_budget.yaml] [--set train.steps=400 ...] [--fast]
+
+The rows switch the four parts that `configs/*.yaml` can turn off, one at a time and in
+this order (row (e) is the full method, the `qualiteacher` run of `benchmarks.quality`):
+
+    (a) pseudo-labels only: multi-aug PLs, top-3 bank, block weights; no score condition
+    (b) + score condition (Eqs. 5-7; restored at score 7)
+    (c) + score-based preference optimisation (Eq. 8)
+    (d) + cropped consistency (Eq. 9)
+    (e) + dual drop: QualiTeacher
+
+Per task everything else is what `benchmarks.quality` does: the same sets, one stage-1
+model (row (a) starts from the unconditioned file, rows (b)-(e) from the same weights with
+zero-initialised injection layers), the same budget and seed, each row in its own run
+folder, Ray namespace and embedded Redis. Each row is evaluated on the held-out test set
+(PSNR / SSIM against the hidden ground truth, NR ensemble 0-10) and the score-conditioned
+rows also get the controllability sweep (Spearman between condition and NR ensemble).
+
+A part "helps" when adding it raised both PSNR and the NR ensemble over the row before
+(the paper's claim for every row). Writes ``ablation.md``, ``ablation.json`` and
+``ablation.png`` into the report folder; the last line printed is
+
+    RESULT ablation_parts_helping <n> parts target <4 x tasks>
+
+Runs of the same config vary (the labeller and the student run concurrently, so the bank's
+content depends on timing; `benchmarks/QUALITY.md` measured up to 0.6 in NR between two
+runs of one config): read small differences between rows as noise. ``--fast`` only shows
+that the script works: its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import quality
+from benchmarks.common import emit_result, machine_line, print_table, ray_session
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # what this row adds, for the report
+    overrides: tuple[str, ...]  # on top of the budget config (whose method is the full one)
+    conditioned: bool  # score-conditioned student: starts from the conditioned stage-1 copy, gets a sweep
+
+
+# Cumulative: each row turns one more part on. The budget config has every part on.
+ROWS: dict[str, Row] = {
+    "a": Row("pseudo-labels only", ("model.score_condition=false", "loss.preference.enabled=false",
+                                    "loss.consistency.enabled=false", "drop.enabled=false"), False),
+    "b": Row("+ score condition", ("loss.preference.enabled=false", "loss.consistency.enabled=false",
+                                   "drop.enabled=false"), True),
+    "c": Row("+ preference (Eq. 8)", ("loss.consistency.enabled=false", "drop.enabled=false"), True),
+    "d": Row("+ cropped consistency (Eq. 9)", ("drop.enabled=false",), True),
+    "e": Row("+ dual drop (QualiTeacher)", (), True),
+}
+FAST_SWEEP = (0.0, 7.0)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.splitlines()[0])
+    quality.add_run_arguments(parser, out=Path("runs/ablation"))
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated rows to run, of {', '.join(ROWS)} (default all)")
+    args = parser.parse_args(argv)
+    quality.finish_run_arguments(parser, args)
+    if args.fast and args.sweep is None:
+        args.sweep_scores = list(FAST_SWEEP)
+    args.row_list = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.row_list if r not in ROWS]
+    if unknown or not args.row_list:
+        parser.error(f"unknown row(s) {unknown or args.rows!r}; known: {', '.join(ROWS)}")
+    args.row_list = [r for r in ROWS if r in args.row_list]  # table order, whatever the order given
+    return args
+
+
+# ---------------------------------------------------------------------------- one task
+def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
+    from qualiteacher.config import load_config
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+
+    task_dir = out / task
+    overrides = quality.base_overrides(args) + [f"data.task={task}"]
+    base_cfg = load_config(args.budget_path, overrides)
+    sets, stage1, timings = quality.prepare_task(task, args, task_dir, overrides, base_cfg)
+    ensemble = IQAEnsemble.from_config(base_cfg)
+    cap = base_cfg.model.score_cap
+    restored = task_dir / "restored"
+    teacher = evaluate_checkpoint(stage1["baseline"], sets, ensemble, restored / "teacher", cap)
+    rows: dict[str, dict] = {}
+    for key in args.row_list:
+        row = ROWS[key]
+        start = stage1["qualiteacher" if row.conditioned else "baseline"]
+        info, timings[f"train_{key}"] = quality.train_student(task, args, task_dir / f"row_{key}", overrides, sets,
+                                                              start, ["train.mode=qualiteacher", *row.overrides])
+        t0 = time.perf_counter()
+        checkpoint = Path(info["checkpoint"])
+        result = {"name": row.name, "overrides": list(row.overrides), "run": info,
+                  "at_cap": evaluate_checkpoint(checkpoint, sets, ensemble, restored / f"row_{key}", cap)}
+        if row.conditioned:
+            sweep, rho = quality.controllability(checkpoint, sets, ensemble, restored / f"row_{key}_score",
+                                                 args.sweep_scores, task_dir / f"row_{key}")
+            result["sweep"] = [{k: p[k] for k in ("score", "psnr", "ssim", "ensemble", "images")} for p in sweep]
+            result["spearman"] = {k: rho[k] for k in ("rho", "p_value", "images", "met")}
+        timings[f"evaluate_{key}"] = time.perf_counter() - t0
+        rows[key] = result
+    mark_helping(rows, teacher)
+    return {"teacher": teacher, "rows": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def evaluate_checkpoint(checkpoint: Path, sets: dict[str, Path], ensemble, folder: Path, score: float) -> dict:
+    """The test set restored by ``checkpoint`` at ``score``, evaluated (per-image rows dropped)."""
+    from pipelines.restore import restore_folder
+
+    quality._restore(restore_folder, checkpoint, sets["test/input"], folder, score)
+    result = quality.evaluate(folder, ensemble, sets["test/target"])
+    return {k: result[k] for k in ("psnr", "ssim", "ensemble", "count", "nr_failed")} | {
+        "per_image": [{k: i.get(k) for k in ("file", "psnr", "ensemble")} for i in result["per_image"]]}
+
+
+def mark_helping(rows: dict[str, dict], teacher: dict) -> None:
+    """Margins of each row over the stage-1 teacher and over the row before it; "helps"
+    when the part the row adds raised both PSNR and NR ensemble (NR over the images both
+    sides could score)."""
+    previous = None
+    for key, row in rows.items():
+        here = row["at_cap"]
+        row["vs_teacher"] = margins(here, teacher)
+        if previous is not None and chr(ord(key) - 1) == previous[0]:  # only next to the row it adds to
+            row["vs_previous"] = margins(here, previous[1]["at_cap"])
+            row["helps"] = bool(row["vs_previous"]["psnr"] > 0 and row["vs_previous"]["ensemble"] > 0)
+        previous = (key, row)
+
+
+def margins(a: dict, b: dict) -> dict:
+    names = quality.scored_names(a, b)
+    return {"psnr": a["psnr"] - b["psnr"],
+            "ensemble": quality.common_nr_mean(a, names) - quality.common_nr_mean(b, names),
+            "nr_images": len(names)}
+
+
+# ---------------------------------------------------------------------------- report
+def write_report(results: dict, out: Path) -> Path:
+    f, signed = quality._f, quality._signed
+    lines = ["# Ablation: the parts of QualiTeacher, one row at a time", ""]
+    if results["fast"]:
+        lines += ["**FAST MODE: tiny model and a few steps; these numbers are NOT meaningful.**", ""]
+    lines += [f"Command: `{results['command']}`", "",
+              f"{results['machine']}. Wall time {results['elapsed_s']:.0f} s.", "",
+              f"Budget: `{results['budget']['file']}` with overrides "
+              f"`{' '.join(results['budget']['overrides']) or '-'}`; each row is one run of that config with "
+              "the row's overrides. A part helps when its row beats the row before it in both PSNR and NR.", "",
+              f"Parts that helped: **{results['parts_helping']}** of {results['parts_compared']} compared.", ""]
+    for task, res in results["tasks"].items():
+        t = res["teacher"]
+        lines += [f"## {task}", "",
+                  "| row | adds | PSNR (dB) | SSIM | NR ensemble | vs row before: PSNR / NR | helps | "
+                  "vs teacher: PSNR / NR | Spearman | train (s) |",
+                  "|---|---|---:|---:|---:|---|---|---|---:|---:|",
+                  f"| teacher | stage-1 model @7 | {f(t['psnr'])} | {f(t['ssim'], 3)} | {f(t['ensemble'])} "
+                  "| - | - | - | - | - |"]
+        for key, row in res["rows"].items():
+            m, vt = row["at_cap"], row["vs_teacher"]
+            vp = row.get("vs_previous")
+            before = f"{signed(vp['psnr'])} / {signed(vp['ensemble'])}" if vp else "-"
+            helps = ("yes" if row["helps"] else "no") if "helps" in row else "-"
+            rho = f(row["spearman"]["rho"], 3) if "spearman" in row else "-"
+            lines.append(f"| ({key}) | {row['name']} | {f(m['psnr'])} | {f(m['ssim'], 3)} | {f(m['ensemble'])} | "
+                         f"{before} | {helps} | {signed(vt['psnr'])} / {signed(vt['ensemble'])} | {rho} | "
+                         f"{res['timings_s'][f'train_{key}']:.0f} |")
+        lines += ["", "Overrides per row: " + "; ".join(
+            f"({k}) `{' '.join(r['overrides']) or '-'}`" for k, r in res["rows"].items()), ""]
+    lines += ["![ablation](ablation.png)", ""]
+    path = out / "ablation.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
+    plt = quality._pyplot()
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.2 * len(tasks)), squeeze=False)
+    for r, (task, res) in enumerate(tasks.items()):
+        keys = list(res["rows"])
+        for ax, metric, label in ((axes[r][0], "psnr", "PSNR vs hidden GT (dB)"),
+                                  (axes[r][1], "ensemble", "NR ensemble (0-10)")):
+            values = [res["rows"][k]["at_cap"][metric] for k in keys]
+            bars = ax.bar([f"({k})" for k in keys], values, color="tab:blue")
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+            ax.axhline(res["teacher"][metric], color="k", ls=":", lw=1, label="stage-1 teacher")
+            finite = [v for v in [*values, res["teacher"][metric]] if np.isfinite(v)]
+            if finite:
+                pad = 0.2 * (max(finite) - min(finite)) + 0.05
+                ax.set_ylim(min(finite) - pad, max(finite) + pad)
+            ax.set(title=f"{task}: {label}")
+            ax.legend(fontsize=7)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(" ".join(f"({k}) {row.name};" for k, row in ROWS.items()), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the ablation; returns what ablation.json holds."""
+    args = parse_args(argv)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+    from qualiteacher.config import load_config
+    from qualiteacher.iqa.weights import prepare
+
+    started = time.perf_counter()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    prepare(load_config(args.budget_path, quality.base_overrides(args)).paths.resolved_weights_dir(),
+            log=lambda _m: None)
+    machine = machine_line()
+    print("== Ablation: rows " + ", ".join(f"({k}) {ROWS[k].name}" for k in args.row_list))
+    print(machine)
+    if args.fast:
+        print("FAST MODE: tiny model and a few steps; the numbers below are NOT meaningful")
+    sys.stdout.flush()
+    tasks: dict[str, dict] = {}
+    with ray_session(num_cpus=max(4, os.cpu_count() or 1)):
+        for task in args.task_list:
+            tasks[task] = run_task(task, args, out)
+    compared = [row for res in tasks.values() for row in res["rows"].values() if "helps" in row]
+    results = {
+        "version": 1, "fast": args.fast,
+        "command": "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget": quality.budget_info(args), "rows": {k: {"name": r.name, "overrides": list(r.overrides)}
+                                                      for k, r in ROWS.items() if k in args.row_list},
+        "tasks": tasks, "parts_helping": sum(row["helps"] for row in compared), "parts_compared": len(compared),
+        "machine": machine, "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "ablation.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    ablation_plot(tasks, out / "ablation.png")
+    report = write_report(results, out)
+    print_summary(results)
+    print(f"report: {report}  results: {out / 'ablation.json'}")
+    emit_result("ablation_parts_helping", results["parts_helping"], "parts", len(compared))
+    return results
+
+
+def print_summary(results: dict) -> None:
+    rows = []
+    for task, res in results["tasks"].items():
+        t = res["teacher"]
+        rows.append([task, "teacher", t["psnr"], t["ssim"], t["ensemble"], "-", "-", "-"])
+        for key, row in res["rows"].items():
+            m, vp = row["at_cap"], row.get("vs_previous")
+            rows.append([task, f"({key}) {row['name']}", m["psnr"], m["ssim"], m["ensemble"],
+                         quality._signed(vp["psnr"]) if vp else "-", quality._signed(vp["ensemble"]) if vp else "-",
+                         quality._f(row["spearman"]["rho"], 3) if "spearman" in row else "-"])
+    print()
+    print_table(["task", "row", "PSNR dB", "SSIM", "NR ens", "dPSNR vs prev", "dNR vs prev", "spearman"], rows)
+    print(f"\nparts that helped (both PSNR and NR above the row before): {results['parts_helping']} of "
+          f"{results['parts_compared']}; wall time {results['elapsed_s']:.0f} s")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("ray", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    main()
+    sys.exit(0)
