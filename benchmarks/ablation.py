@@ -1,6 +1,6 @@
 """The paper's ablation (its Table 3): rows (a) to (e), each adding one part of the method.
 
-    python -m benchmarks.ablation --tasks haze [--rows a,b,c,d,e] [--out runs/ablation] \
+    python -m benchmarks.ablation --tasks haze [--rows a,b,c,d,e] [--repeats 3] [--out runs/ablation] \
         [--budget configs/quality_budget.yaml] [--set train.steps=400 ...] [--fast]
 
 The rows switch the four parts that `configs/*.yaml` can turn off, one at a time and in
@@ -27,8 +27,10 @@ A part "helps" when adding it raised both PSNR and the NR ensemble over the row 
 
 Runs of the same config vary (the labeller and the student run concurrently, so the bank's
 content depends on timing; `benchmarks/QUALITY.md` measured up to 0.6 in NR between two
-runs of one config): read small differences between rows as noise. ``--fast`` only shows
-that the script works: its numbers mean nothing.
+runs of one config): ``--repeats N`` trains every row N times (student seeds seed, seed+1,
+...) and reports the means with the range over the runs, so a difference between rows can
+be read against that noise. ``--fast`` only shows that the script works: its numbers mean
+nothing.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     quality.add_run_arguments(parser, out=Path("runs/ablation"))
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated rows to run, of {', '.join(ROWS)} (default all)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="student runs per row, seeds seed, seed+1, ... (default 1); rows report the mean "
+                             "and the range, so a difference between rows can be read against the noise")
     args = parser.parse_args(argv)
     quality.finish_run_arguments(parser, args)
     if args.fast and args.sweep is None:
@@ -83,6 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown or not args.row_list:
         parser.error(f"unknown row(s) {unknown or args.rows!r}; known: {', '.join(ROWS)}")
     args.row_list = [r for r in ROWS if r in args.row_list]  # table order, whatever the order given
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 
@@ -102,22 +109,56 @@ def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
     rows: dict[str, dict] = {}
     for key in args.row_list:
         row = ROWS[key]
-        start = stage1["qualiteacher" if row.conditioned else "baseline"]
-        info, timings[f"train_{key}"] = quality.train_student(task, args, task_dir / f"row_{key}", overrides, sets,
-                                                              start, ["train.mode=qualiteacher", *row.overrides])
-        t0 = time.perf_counter()
-        checkpoint = Path(info["checkpoint"])
-        result = {"name": row.name, "overrides": list(row.overrides), "run": info,
-                  "at_cap": evaluate_checkpoint(checkpoint, sets, ensemble, restored / f"row_{key}", cap)}
-        if row.conditioned:
-            sweep, rho = quality.controllability(checkpoint, sets, ensemble, restored / f"row_{key}_score",
-                                                 args.sweep_scores, task_dir / f"row_{key}")
-            result["sweep"] = [{k: p[k] for k in ("score", "psnr", "ssim", "ensemble", "images")} for p in sweep]
-            result["spearman"] = {k: rho[k] for k in ("rho", "p_value", "images", "met")}
-        timings[f"evaluate_{key}"] = time.perf_counter() - t0
-        rows[key] = result
+        runs = []
+        for r in range(args.repeats):
+            name = f"row_{key}" if args.repeats == 1 else f"row_{key}_seed{base_cfg.seed + r}"
+            runs.append(run_row(task, args, row, name, task_dir, overrides, sets, stage1, ensemble, cap,
+                                base_cfg.seed + r, timings))
+        rows[key] = {"name": row.name, "overrides": list(row.overrides), **mean_of_runs(runs)}
     mark_helping(rows, teacher)
     return {"teacher": teacher, "rows": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def run_row(task, args, row: Row, name: str, task_dir: Path, overrides: list[str], sets: dict[str, Path],
+            stage1: dict[str, Path], ensemble, cap: float, seed: int, timings: dict) -> dict:
+    """One student run of ``row`` with ``seed``, evaluated at the cap (and swept if conditioned)."""
+    start = stage1["qualiteacher" if row.conditioned else "baseline"]
+    info, timings[f"train_{name}"] = quality.train_student(
+        task, args, task_dir / name, overrides, sets, start, ["train.mode=qualiteacher", f"seed={seed}", *row.overrides])
+    t0 = time.perf_counter()
+    checkpoint = Path(info["checkpoint"])
+    result = {"seed": seed, "run": info,
+              "at_cap": evaluate_checkpoint(checkpoint, sets, ensemble, task_dir / "restored" / name, cap)}
+    if row.conditioned:
+        sweep, rho = quality.controllability(checkpoint, sets, ensemble, task_dir / "restored" / f"{name}_score",
+                                             args.sweep_scores, task_dir / name)
+        result["sweep"] = [{k: p[k] for k in ("score", "psnr", "ssim", "ensemble", "images")} for p in sweep]
+        result["spearman"] = {k: rho[k] for k in ("rho", "p_value", "images", "met")}
+    timings[f"evaluate_{name}"] = time.perf_counter() - t0
+    return result
+
+
+def mean_of_runs(runs: list[dict]) -> dict:
+    """A row from its runs: means (per image too, so NR margins keep to commonly scored
+    images), each metric's range over the runs, the mean sweep and its Spearman rho."""
+    first = runs[0]["at_cap"]
+    at_cap = {k: float(np.mean([r["at_cap"][k] for r in runs])) for k in ("psnr", "ssim", "ensemble")}
+    at_cap["per_image"] = [{"file": item["file"],
+                            "psnr": float(np.mean([r["at_cap"]["per_image"][i]["psnr"] for r in runs])),
+                            "ensemble": float(np.mean([r["at_cap"]["per_image"][i]["ensemble"] for r in runs]))}
+                           for i, item in enumerate(first["per_image"])]
+    at_cap["nr_failed"] = max(r["at_cap"]["nr_failed"] for r in runs)
+    at_cap["count"] = first["count"]
+    out = {"at_cap": at_cap, "runs": runs, "train_s": float(np.mean([r["run"]["elapsed_s"] or 0 for r in runs])),
+           "range": {k: [min(r["at_cap"][k] for r in runs), max(r["at_cap"][k] for r in runs)]
+                     for k in ("psnr", "ssim", "ensemble")}}
+    if "sweep" in runs[0]:
+        out["sweep"] = [{"score": point["score"],
+                         **{k: float(np.mean([r["sweep"][i][k] for r in runs])) for k in ("psnr", "ssim", "ensemble")}}
+                        for i, point in enumerate(runs[0]["sweep"])]
+        rho = quality.spearman([p["score"] for p in out["sweep"]], [p["ensemble"] for p in out["sweep"]])
+        out["spearman"] = rho | {"per_run": [r["spearman"]["rho"] for r in runs]}
+    return out
 
 
 def evaluate_checkpoint(checkpoint: Path, sets: dict[str, Path], ensemble, folder: Path, score: float) -> dict:
@@ -160,8 +201,10 @@ def write_report(results: dict, out: Path) -> Path:
     lines += [f"Command: `{results['command']}`", "",
               f"{results['machine']}. Wall time {results['elapsed_s']:.0f} s.", "",
               f"Budget: `{results['budget']['file']}` with overrides "
-              f"`{' '.join(results['budget']['overrides']) or '-'}`; each row is one run of that config with "
-              "the row's overrides. A part helps when its row beats the row before it in both PSNR and NR.", "",
+              f"`{' '.join(results['budget']['overrides']) or '-'}`; each row is {results['repeats']} run(s) of "
+              "that config with the row's overrides (student seeds seed, seed+1, ...; one stage-1 model): means, "
+              "and in brackets the range over the runs. A part helps when its row's means beat the row before it "
+              "in both PSNR and NR. Spearman: of the mean sweep.", "",
               f"Parts that helped: **{results['parts_helping']}** of {results['parts_compared']} compared.", ""]
     for task, res in results["tasks"].items():
         t = res["teacher"]
@@ -172,20 +215,28 @@ def write_report(results: dict, out: Path) -> Path:
                   f"| teacher | stage-1 model @7 | {f(t['psnr'])} | {f(t['ssim'], 3)} | {f(t['ensemble'])} "
                   "| - | - | - | - | - |"]
         for key, row in res["rows"].items():
-            m, vt = row["at_cap"], row["vs_teacher"]
-            vp = row.get("vs_previous")
+            vt, vp = row["vs_teacher"], row.get("vs_previous")
             before = f"{signed(vp['psnr'])} / {signed(vp['ensemble'])}" if vp else "-"
             helps = ("yes" if row["helps"] else "no") if "helps" in row else "-"
             rho = f(row["spearman"]["rho"], 3) if "spearman" in row else "-"
-            lines.append(f"| ({key}) | {row['name']} | {f(m['psnr'])} | {f(m['ssim'], 3)} | {f(m['ensemble'])} | "
-                         f"{before} | {helps} | {signed(vt['psnr'])} / {signed(vt['ensemble'])} | {rho} | "
-                         f"{res['timings_s'][f'train_{key}']:.0f} |")
+            cells = [_with_range(row, "psnr", 2), _with_range(row, "ssim", 3), _with_range(row, "ensemble", 2)]
+            lines.append(f"| ({key}) | {row['name']} | {' | '.join(cells)} | {before} | {helps} | "
+                         f"{signed(vt['psnr'])} / {signed(vt['ensemble'])} | {rho} | {row['train_s']:.0f} |")
         lines += ["", "Overrides per row: " + "; ".join(
             f"({k}) `{' '.join(r['overrides']) or '-'}`" for k, r in res["rows"].items()), ""]
     lines += ["![ablation](ablation.png)", ""]
     path = out / "ablation.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _with_range(row: dict, metric: str, digits: int) -> str:
+    """The row's mean, with the range over its runs when there are several."""
+    mean = quality._f(row["at_cap"][metric], digits)
+    if len(row["runs"]) == 1:
+        return mean
+    low, high = row["range"][metric]
+    return f"{mean} ({quality._f(low, digits)}-{quality._f(high, digits)})"
 
 
 def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
@@ -196,10 +247,13 @@ def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
         for ax, metric, label in ((axes[r][0], "psnr", "PSNR vs hidden GT (dB)"),
                                   (axes[r][1], "ensemble", "NR ensemble (0-10)")):
             values = [res["rows"][k]["at_cap"][metric] for k in keys]
-            bars = ax.bar([f"({k})" for k in keys], values, color="tab:blue")
+            spread = np.array([[v - res["rows"][k]["range"][metric][0] for k, v in zip(keys, values)],
+                               [res["rows"][k]["range"][metric][1] - v for k, v in zip(keys, values)]])
+            bars = ax.bar([f"({k})" for k in keys], values, color="tab:blue", yerr=spread, capsize=3)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
             ax.axhline(res["teacher"][metric], color="k", ls=":", lw=1, label="stage-1 teacher")
-            finite = [v for v in [*values, res["teacher"][metric]] if np.isfinite(v)]
+            finite = [v for v in [*values, res["teacher"][metric],
+                                  *(x for k in keys for x in res["rows"][k]["range"][metric])] if np.isfinite(v)]
             if finite:
                 pad = 0.2 * (max(finite) - min(finite)) + 0.05
                 ax.set_ylim(min(finite) - pad, max(finite) + pad)
@@ -252,7 +306,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
         "budget": quality.budget_info(args), "rows": {k: {"name": r.name, "overrides": list(r.overrides)}
                                                       for k, r in ROWS.items() if k in args.row_list},
         "tasks": tasks, "parts_helping": sum(row["helps"] for row in compared), "parts_compared": len(compared),
-        "machine": machine, "elapsed_s": round(time.perf_counter() - started, 1),
+        "repeats": args.repeats, "machine": machine, "elapsed_s": round(time.perf_counter() - started, 1),
     }
     (out / "ablation.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     ablation_plot(tasks, out / "ablation.png")
@@ -269,8 +323,9 @@ def print_summary(results: dict) -> None:
         t = res["teacher"]
         rows.append([task, "teacher", t["psnr"], t["ssim"], t["ensemble"], "-", "-", "-"])
         for key, row in res["rows"].items():
-            m, vp = row["at_cap"], row.get("vs_previous")
-            rows.append([task, f"({key}) {row['name']}", m["psnr"], m["ssim"], m["ensemble"],
+            vp = row.get("vs_previous")
+            rows.append([task, f"({key}) {row['name']}", _with_range(row, "psnr", 2), _with_range(row, "ssim", 3),
+                         _with_range(row, "ensemble", 2),
                          quality._signed(vp["psnr"]) if vp else "-", quality._signed(vp["ensemble"]) if vp else "-",
                          quality._f(row["spearman"]["rho"], 3) if "spearman" in row else "-"])
     print()

@@ -82,7 +82,7 @@ def test_ablation_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path)
     assert "model.score_condition=false" in a["overrides"] and "spearman" not in a
     assert [p["score"] for p in b["sweep"]] == list(ablation.FAST_SWEEP)
     for row in (a, b):
-        assert row["run"]["steps"] == 4
+        assert len(row["runs"]) == 1 and row["runs"][0]["run"]["steps"] == 4
         assert all(math.isfinite(row["at_cap"][m]) for m in ("psnr", "ssim", "ensemble"))
     assert "vs_previous" not in a and isinstance(b["helps"], bool)
     assert b["vs_previous"]["psnr"] == pytest.approx(b["at_cap"]["psnr"] - a["at_cap"]["psnr"])
@@ -120,3 +120,19 @@ def test_ablation_rejects_unknown_row():
 
     with pytest.raises(SystemExit):
         ablation.parse_args(["--rows", "a,f"])
+
+
+def test_ablation_row_is_the_mean_of_its_runs():
+    from benchmarks.ablation import mean_of_runs
+
+    def run(psnr: float, nr: list[float], rho: float) -> dict:
+        at_cap = _at_cap(psnr, nr) | {"ssim": 0.5, "nr_failed": 0, "count": len(nr)}
+        sweep = [{"score": s, "psnr": psnr, "ssim": 0.5, "ensemble": nr[0] + s} for s in (0.0, 7.0)]
+        return {"at_cap": at_cap, "run": {"elapsed_s": 10.0}, "sweep": sweep, "spearman": {"rho": rho}}
+
+    row = mean_of_runs([run(17.0, [8.0, 6.0], 1.0), run(18.0, [9.0, float("nan")], -1.0)])
+    assert row["at_cap"]["psnr"] == pytest.approx(17.5) and row["range"]["psnr"] == [17.0, 18.0]
+    assert row["at_cap"]["per_image"][0]["ensemble"] == pytest.approx(8.5)
+    assert math.isnan(row["at_cap"]["per_image"][1]["ensemble"])  # unscored in one run: out of NR margins
+    assert [p["ensemble"] for p in row["sweep"]] == pytest.approx([8.5, 15.5])
+    assert row["spearman"]["rho"] == pytest.approx(1.0) and row["spearman"]["per_run"] == [1.0, -1.0]
