@@ -162,10 +162,10 @@ def mean_of_runs(runs: list[dict]) -> dict:
 
 
 def evaluate_checkpoint(checkpoint: Path, sets: dict[str, Path], ensemble, folder: Path, score: float) -> dict:
-    """The test set restored by ``checkpoint`` at ``score``, evaluated (per-image rows dropped)."""
+    """The test set restored by ``checkpoint`` at ``score``, evaluated (per image: file, PSNR, NR)."""
     from pipelines.restore import restore_folder
 
-    quality._restore(restore_folder, checkpoint, sets["test/input"], folder, score)
+    quality.restore_checked(restore_folder, checkpoint, sets["test/input"], folder, score)
     result = quality.evaluate(folder, ensemble, sets["test/target"])
     return {k: result[k] for k in ("psnr", "ssim", "ensemble", "count", "nr_failed")} | {
         "per_image": [{k: i.get(k) for k in ("file", "psnr", "ensemble")} for i in result["per_image"]]}
@@ -194,26 +194,26 @@ def margins(a: dict, b: dict) -> dict:
 
 # ---------------------------------------------------------------------------- report
 def write_report(results: dict, out: Path) -> Path:
-    f, signed = quality._f, quality._signed
+    f, signed = quality.fmt, quality.fmt_signed
     lines = ["# Ablation: the parts of QualiTeacher, one row at a time", ""]
     if results["fast"]:
         lines += ["**FAST MODE: tiny model and a few steps; these numbers are NOT meaningful.**", ""]
     lines += [f"Command: `{results['command']}`", "",
               f"{results['machine']}. Wall time {results['elapsed_s']:.0f} s.", "",
-              f"Budget: `{results['budget']['file']}` with overrides "
-              f"`{' '.join(results['budget']['overrides']) or '-'}`; each row is {results['repeats']} run(s) of "
-              "that config with the row's overrides (student seeds seed, seed+1, ...; one stage-1 model): means, "
-              "and in brackets the range over the runs. A part helps when its row's means beat the row before it "
-              "in both PSNR and NR. Spearman: of the mean sweep.", "",
+              (f"Budget: `{results['budget']['file']}` with overrides "
+               f"`{' '.join(results['budget']['overrides']) or '-'}`; each row is {results['repeats']} run(s) of "
+               "that config with the row's overrides (student seeds seed, seed+1, ...; one stage-1 model): means, "
+               "and in brackets the range over the runs. A part helps when its row's means beat the row before it "
+               "in both PSNR and NR. Spearman: of the mean sweep."), "",
               f"Parts that helped: **{results['parts_helping']}** of {results['parts_compared']} compared.", ""]
     for task, res in results["tasks"].items():
         t = res["teacher"]
         lines += [f"## {task}", "",
-                  "| row | adds | PSNR (dB) | SSIM | NR ensemble | vs row before: PSNR / NR | helps | "
-                  "vs teacher: PSNR / NR | Spearman | train (s) |",
+                  ("| row | adds | PSNR (dB) | SSIM | NR ensemble | vs row before: PSNR / NR | helps | "
+                   "vs teacher: PSNR / NR | Spearman | train (s) |"),
                   "|---|---|---:|---:|---:|---|---|---|---:|---:|",
-                  f"| teacher | stage-1 model @7 | {f(t['psnr'])} | {f(t['ssim'], 3)} | {f(t['ensemble'])} "
-                  "| - | - | - | - | - |"]
+                  (f"| teacher | stage-1 model @7 | {f(t['psnr'])} | {f(t['ssim'], 3)} | {f(t['ensemble'])} "
+                   "| - | - | - | - | - |")]
         for key, row in res["rows"].items():
             vt, vp = row["vs_teacher"], row.get("vs_previous")
             before = f"{signed(vp['psnr'])} / {signed(vp['ensemble'])}" if vp else "-"
@@ -232,15 +232,15 @@ def write_report(results: dict, out: Path) -> Path:
 
 def _with_range(row: dict, metric: str, digits: int) -> str:
     """The row's mean, with the range over its runs when there are several."""
-    mean = quality._f(row["at_cap"][metric], digits)
+    mean = quality.fmt(row["at_cap"][metric], digits)
     if len(row["runs"]) == 1:
         return mean
     low, high = row["range"][metric]
-    return f"{mean} ({quality._f(low, digits)}-{quality._f(high, digits)})"
+    return f"{mean} ({quality.fmt(low, digits)}-{quality.fmt(high, digits)})"
 
 
 def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
-    plt = quality._pyplot()
+    plt = quality.pyplot()
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.2 * len(tasks)), squeeze=False)
     for r, (task, res) in enumerate(tasks.items()):
         keys = list(res["rows"])
@@ -326,8 +326,8 @@ def print_summary(results: dict) -> None:
             vp = row.get("vs_previous")
             rows.append([task, f"({key}) {row['name']}", _with_range(row, "psnr", 2), _with_range(row, "ssim", 3),
                          _with_range(row, "ensemble", 2),
-                         quality._signed(vp["psnr"]) if vp else "-", quality._signed(vp["ensemble"]) if vp else "-",
-                         quality._f(row["spearman"]["rho"], 3) if "spearman" in row else "-"])
+                         quality.fmt_signed(vp["psnr"]) if vp else "-", quality.fmt_signed(vp["ensemble"]) if vp else "-",
+                         quality.fmt(row["spearman"]["rho"], 3) if "spearman" in row else "-"])
     print()
     print_table(["task", "row", "PSNR dB", "SSIM", "NR ens", "dPSNR vs prev", "dNR vs prev", "spearman"], rows)
     print(f"\nparts that helped (both PSNR and NR above the row before): {results['parts_helping']} of "

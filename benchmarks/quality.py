@@ -258,7 +258,7 @@ def controllability(checkpoint: Path, sets: dict[str, Path], ensemble, folder_st
     sweep = []
     for score in scores:
         folder = folder_stem.with_name(f"{folder_stem.name}_{score:g}")
-        _restore(restore_folder, checkpoint, test_in, folder, score)
+        restore_checked(restore_folder, checkpoint, test_in, folder, score)
         sweep.append(evaluate(folder, ensemble, test_gt) | {"score": score})
     common = scored_names(*sweep)
     for point in sweep:
@@ -320,7 +320,7 @@ def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
     folders = {"input": test_in}
     for name, checkpoint in sources.items():
         folders[name] = restored / name
-        _restore(restore_folder, checkpoint, test_in, folders[name], cap)
+        restore_checked(restore_folder, checkpoint, test_in, folders[name], cap)
     methods = {name: evaluate(folder, ensemble, test_gt) for name, folder in folders.items()}
     ground_truth = evaluate(test_gt, ensemble, None)
     sweep, rho = controllability(sources["qualiteacher"], sets, ensemble, restored / "qualiteacher_score",
@@ -449,7 +449,7 @@ def stage1_models(base_cfg, args: argparse.Namespace, overrides: list[str], sets
     return {"baseline": stage1, "qualiteacher": conditioned}
 
 
-def _restore(restore_folder, checkpoint: Path, in_dir: Path, out_dir: Path, score: float) -> None:
+def restore_checked(restore_folder, checkpoint: Path, in_dir: Path, out_dir: Path, score: float) -> None:
     results = restore_folder(checkpoint, in_dir, out_dir, score=score)
     failed = [(str(p), e) for p, e in results if e is not None]
     if failed:
@@ -457,7 +457,7 @@ def _restore(restore_folder, checkpoint: Path, in_dir: Path, out_dir: Path, scor
 
 
 # ---------------------------------------------------------------------------- plots
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -471,7 +471,7 @@ def grid_plot(task: str, folders: dict[str, Path], gt_dir: Path, methods: dict[s
     """Rows: the first ``n`` test images; columns: input, teacher, baseline, QualiTeacher, GT."""
     from qualiteacher.imageio import list_images, read_image
 
-    plt = _pyplot()
+    plt = pyplot()
     names = [p.name for p in list_images(gt_dir)][:max(1, n)]
     columns = [*METHODS, "gt"]
     fig, axes = plt.subplots(len(names), len(columns), figsize=(2.6 * len(columns), 3.1 * len(names) + 0.4),
@@ -496,7 +496,7 @@ def grid_plot(task: str, folders: dict[str, Path], gt_dir: Path, methods: dict[s
 
 
 def controllability_plot(tasks: dict[str, dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_nr, ax_psnr) = plt.subplots(1, 2, figsize=(10, 4))
     for task, res in tasks.items():
         scores = [s["score"] for s in res["sweep"]]
@@ -518,7 +518,7 @@ def controllability_plot(tasks: dict[str, dict], path: Path) -> None:
 
 
 def bars_plot(tasks: dict[str, dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(tasks)
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 3 + 2.2 * len(names)), 4.4))
     width = 0.8 / len(METHODS)
@@ -569,11 +569,11 @@ def target_status(tasks: dict[str, dict]) -> dict:
     }
 
 
-def _f(value: float, digits: int = 2) -> str:
+def fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if np.isfinite(value) else "n/a"
 
 
-def _signed(value: float, digits: int = 2) -> str:
+def fmt_signed(value: float, digits: int = 2) -> str:
     return f"{value:+.{digits}f}"
 
 
@@ -600,7 +600,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"| {status['tasks_won']['value']} of {status['tasks_won']['of']} run | {status['tasks_won']['status']} |"),
     ]
     for task, s in status["spearman"].items():
-        lines.append(f"| controllability Spearman >= {TARGET_SPEARMAN} ({task}) | {_f(s['rho'], 3)} | {s['status']} |")
+        lines.append(f"| controllability Spearman >= {TARGET_SPEARMAN} ({task}) | {fmt(s['rho'], 3)} | {s['status']} |")
     lines += ["", "## Per task (means over the test images)", ""]
     for task, res in tasks.items():
         lines += [f"### {task}", "",
@@ -608,31 +608,31 @@ def write_report(results: dict, out: Path) -> Path:
                   "|---|---:|---:|---:|---:|"]
         for method in METHODS:
             m = res["methods"][method]
-            lines.append(f"| {LABELS[method]} | {_f(m['psnr'])} | {_f(m['ssim'], 3)} | {_f(m['ensemble'])} | "
+            lines.append(f"| {LABELS[method]} | {fmt(m['psnr'])} | {fmt(m['ssim'], 3)} | {fmt(m['ensemble'])} | "
                          f"{m['nr_failed']} of {m['count']} |")
         g = res["ground_truth"]
-        lines.append(f"| {LABELS['gt']} | - | - | {_f(g['ensemble'])} | {g['nr_failed']} of {g['count']} |")
+        lines.append(f"| {LABELS['gt']} | - | - | {fmt(g['ensemble'])} | {g['nr_failed']} of {g['count']} |")
         lines += ["", "| QualiTeacher @7 vs | PSNR margin (dB) | NR margin (images scored on both sides) | won |",
                   "|---|---:|---:|---|"]
         for other in ("teacher", "baseline"):
             p, e = res["comparisons"][f"psnr_vs_{other}"], res["comparisons"][f"ensemble_vs_{other}"]
-            lines.append(f"| {LABELS[other]} | {_signed(p['margin'])} | {_signed(e['margin'])} ({e['images']}) | "
+            lines.append(f"| {LABELS[other]} | {fmt_signed(p['margin'])} | {fmt_signed(e['margin'])} ({e['images']}) | "
                          f"{'yes' if p['won'] and e['won'] else 'no'} |")
         sp = res["spearman"]
         lines += ["", (f"Task won: **{'yes' if res['won'] else 'no'}**. Controllability: Spearman rho "
-                  f"{_f(sp['rho'], 3)} (p {_f(sp['p_value'], 4)}) between condition and mean NR ensemble "
+                  f"{fmt(sp['rho'], 3)} (p {fmt(sp['p_value'], 4)}) between condition and mean NR ensemble "
                   f"over the {sp['images']} test images scorable at every condition; median per-image rho "
-                  f"{_f(sp['per_image_median'], 3)}."
+                  f"{fmt(sp['per_image_median'], 3)}."
                   + (f" On the run's calibrated scale (what the condition was trained on; secondary): rho "
-                     f"{_f(sp['calibrated']['rho'], 3)}." if sp.get("calibrated") else "")), "",
+                     f"{fmt(sp['calibrated']['rho'], 3)}." if sp.get("calibrated") else "")), "",
                   "| condition | " + " | ".join(f"{s['score']:g}" for s in res["sweep"]) + " |",
                   "|---|" + "---:|" * len(res["sweep"]),
-                  "| NR ensemble | " + " | ".join(_f(s["ensemble"]) for s in res["sweep"]) + " |",
+                  "| NR ensemble | " + " | ".join(fmt(s["ensemble"]) for s in res["sweep"]) + " |",
                   *(["| NR ensemble, run's calibrated ranges | "
-                     + " | ".join(_f(s["ensemble_calibrated"]) for s in res["sweep"]) + " |"]
+                     + " | ".join(fmt(s["ensemble_calibrated"]) for s in res["sweep"]) + " |"]
                     if sp.get("calibrated") else []),
-                  "| PSNR (dB) | " + " | ".join(_f(s["psnr"]) for s in res["sweep"]) + " |",
-                  "| SSIM | " + " | ".join(_f(s["ssim"], 3) for s in res["sweep"]) + " |",
+                  "| PSNR (dB) | " + " | ".join(fmt(s["psnr"]) for s in res["sweep"]) + " |",
+                  "| SSIM | " + " | ".join(fmt(s["ssim"], 3) for s in res["sweep"]) + " |",
                   "| NR unscorable | " + " | ".join(str(s["nr_failed"]) for s in res["sweep"]) + " |", ""]
         runs = res["runs"]
         lines += ["| run | steps | teacher version | bank images / entries | dropped | train time (s) |",
@@ -733,16 +733,16 @@ def print_summary(results: dict) -> None:
     rows = []
     for task, res in results["tasks"].items():
         c = res["comparisons"]
-        rows.append([task, _signed(c["psnr_vs_teacher"]["margin"]), _signed(c["psnr_vs_baseline"]["margin"]),
-                     _signed(c["ensemble_vs_teacher"]["margin"]), _signed(c["ensemble_vs_baseline"]["margin"]),
-                     "yes" if res["won"] else "no", _f(res["spearman"]["rho"], 3)])
+        rows.append([task, fmt_signed(c["psnr_vs_teacher"]["margin"]), fmt_signed(c["psnr_vs_baseline"]["margin"]),
+                     fmt_signed(c["ensemble_vs_teacher"]["margin"]), fmt_signed(c["ensemble_vs_baseline"]["margin"]),
+                     "yes" if res["won"] else "no", fmt(res["spearman"]["rho"], 3)])
     print_table(["task", "dPSNR vs teacher", "dPSNR vs baseline", "dNR vs teacher", "dNR vs baseline", "won",
                  "spearman"], rows)
     s = results["target_status"]
     print(f"\ntarget: tasks won {s['tasks_won']['value']}/{s['tasks_won']['of']} (need {TARGET_TASKS_WON} of "
           f"{len(TASKS)}): {s['tasks_won']['status']}")
     for task, sp in s["spearman"].items():
-        print(f"target: controllability Spearman {task} {_f(sp['rho'], 3)} (need >= {TARGET_SPEARMAN}): {sp['status']}")
+        print(f"target: controllability Spearman {task} {fmt(sp['rho'], 3)} (need >= {TARGET_SPEARMAN}): {sp['status']}")
     print(f"wall time {format_number(results['elapsed_s'])} s; load average at the end {results['load_end']}")
     sys.stdout.flush()
 
