@@ -260,8 +260,9 @@ def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
             ax.set(title=f"{task}: {label}")
             ax.legend(fontsize=7)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(" ".join(f"({k}) {row.name};" for k, row in ROWS.items()), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.suptitle("; ".join(f"({k}) {row.name}" for k, row in ROWS.items())
+                 + "\nbars: mean over the row's runs; whiskers: their range", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
