@@ -234,6 +234,11 @@ class ConsistencyConfig(Strict):
 class LossConfig(Strict):
     pixel_weight: float = Field(1.0, ge=0)
     supervised_weight: float = Field(1.0, ge=0)
+    # The score condition of the supervised L1 on paired synthetic data. "cap": every pair at
+    # the top score (7), where inference runs. "target_score": each pair at its target's own
+    # ensemble score on the run's scale (merged at the cap), like a pseudo-label: then score 7
+    # is not held mostly by the synthetic domain (benchmarks/QUALITY.md, ablation row (b)).
+    supervised_condition: Literal["cap", "target_score"] = "cap"
     perceptual_weight: float = Field(0.0, ge=0)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)

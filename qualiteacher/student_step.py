@@ -9,6 +9,7 @@ once per image).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,32 @@ def reward_fn(cfg: Config):
     return ensemble.reward
 
 
+def target_levels(cfg: Config, targets) -> torch.Tensor:
+    """The condition of each paired target for ``loss.supervised_condition=target_score``:
+    its ensemble score (0-10) on the run's scale (``cfg.iqa.ranges``, the calibrated ones in a
+    calibrated run), merged at the cap as the bank's levels are. A target the metrics cannot
+    score gets the cap, with a warning."""
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from qualiteacher.imageio import to_tensor
+
+    ensemble = IQAEnsemble.from_config(cfg)
+    cap = cfg.model.score_cap
+    levels = []
+    with torch.no_grad():
+        for i, target in enumerate(targets):
+            try:
+                level = float(ensemble.score(to_tensor(target).to(ensemble.device)).ensemble10[0])
+            except (torch.linalg.LinAlgError, AssertionError, ValueError) as exc:
+                level, why = float("nan"), f"{type(exc).__name__}: {exc}"
+            else:
+                why = "non-finite score"
+            if not math.isfinite(level):
+                log.warning("paired target %d: cannot be scored (%s); its supervised condition is %g", i, why, cap)
+                level = cap
+            levels.append(min(level, cap))
+    return torch.tensor(levels)
+
+
 def perceptual_fn(cfg: Config, device: torch.device):
     """The VGG perceptual loss on ``device``, or None where its weight is 0."""
     if cfg.loss.perceptual_weight <= 0:
@@ -72,9 +99,14 @@ def step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initia
     then on a bank batch the block-weighted pixel loss, perceptual, and after the warm-up
     Eqs. 8-9. Without bank entries yet, the supervised loss alone."""
     tc, lc = cfg.train, cfg.loss
-    x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
+    if lc.supervised_condition == "target_score" and cfg.model.score_condition:
+        x_p, y_p, s_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng, with_levels=True)
+        s_p = s_p.to(device)
+    else:
+        x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
+        s_p = cfg.model.score_cap
     x_p, y_p = x_p.to(device), y_p.to(device)
-    out = {"supervised": l1(model(x_p, cfg.model.score_cap), y_p)}
+    out = {"supervised": l1(model(x_p, s_p), y_p)}
     total = lc.supervised_weight * out["supervised"]
     batch = bank.sample(tc.bank_batch_size, device)
     if batch is None:

@@ -38,6 +38,7 @@ from qualiteacher.student_step import (
     perceptual_fn,
     reward_fn,
     step_losses,
+    target_levels,
 )
 from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank, decode_image, decode_weights
@@ -173,6 +174,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if rank == 0:
         for path, reason in paired.errors:
             log.warning("paired data: skipping %s: %s", path, reason)
+    if cfg.loss.supervised_condition == "target_score" and cfg.model.score_condition:
+        paired.levels = target_levels(cfg, paired.targets)
+        log.info("supervised conditions of the %d paired targets: %s", len(paired),
+                 ", ".join(f"{v:.2f}" for v in paired.levels.tolist()))
     bank = BankBatches(cfg, loop_cfg["redis_url"], rng)
     if checkpoint is not None and rank == 0:
         bank.record_resume(step)

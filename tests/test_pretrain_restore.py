@@ -53,6 +53,19 @@ def test_paired_same_crop_and_padding(tmp_path):
     assert 0.0 <= x.min() and x.max() <= 1.0
 
 
+def test_paired_levels_follow_the_sampled_pairs(tmp_path):
+    for i, value in enumerate((40, 200)):  # flat targets: a crop tells which pair it came from
+        write_png(tmp_path / "in" / f"im{i}.png", structured(32, 32, i))
+        write_png(tmp_path / "tg" / f"im{i}.png", np.full((32, 32, 3), value, np.uint8))
+    data = PairedImages(tmp_path / "in", tmp_path / "tg")
+    with pytest.raises(ValueError, match="no target levels"):
+        data.sample_batch(4, 16, np.random.default_rng(0), with_levels=True)
+    data.levels = torch.tensor([3.0, 6.5])
+    _, y, levels = data.sample_batch(32, 16, np.random.default_rng(0), with_levels=True)
+    expected = torch.where(y.mean(dim=(1, 2, 3)) > 0.5, 6.5, 3.0)
+    assert torch.equal(levels, expected) and set(levels.tolist()) == {3.0, 6.5}
+
+
 def test_paired_reports_and_skips_bad_files(tmp_path):
     for name in ("a.png", "b.png", "only_in.png"):
         write_png(tmp_path / "in" / name, structured(32, 32, 1))

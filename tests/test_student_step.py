@@ -120,3 +120,46 @@ def test_padding_slots_do_not_count():
     third = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
                         torch.device("cpu"), step=0, initial_injection=None)
     assert third["pixel"] > 10 * out["pixel"]
+
+
+class _EmptyBank:
+    def sample(self, n, device):
+        return None
+
+
+class _PairedWithLevels(_Paired):
+    levels = torch.tensor([2.5, 6.0])
+
+    def sample_batch(self, n, crop, rng, with_levels=False):
+        return (self.x, self.y, self.levels) if with_levels else (self.x, self.y)
+
+
+@pytest.mark.parametrize("condition", ["cap", "target_score"])
+def test_supervised_loss_runs_at_the_chosen_condition(condition):
+    cfg = load_config(None, [f"data.crop_size={CROP}", f"loss.supervised_condition={condition}"])
+    model, paired = _model(cfg), _PairedWithLevels()
+    out = step_losses(cfg, model, paired, _EmptyBank(), None, np.random.default_rng(0), torch.Generator(),
+                      torch.device("cpu"), step=0, initial_injection=None)
+    with torch.no_grad():
+        at_levels = l1(model(paired.x, paired.levels), paired.y)
+        at_cap = l1(model(paired.x, cfg.model.score_cap), paired.y)
+    assert not torch.allclose(at_levels, at_cap)  # the conditions really differ here
+    torch.testing.assert_close(out["supervised"].detach(), at_levels if condition == "target_score" else at_cap)
+
+
+def test_target_levels_are_the_targets_ensemble_scores_merged_at_the_cap(weights_dir, caplog):
+    from qualiteacher.data.samples import load_sample, sample_names
+    from qualiteacher.imageio import to_tensor
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from qualiteacher.student_step import target_levels
+
+    cfg = load_config(None, [f"paths.weights_dir={weights_dir}", "iqa.device=cpu",
+                             "iqa.metrics={brisque: 0.5, piqe: 0.5}", "model.score_cap=6.5"])
+    photos = [load_sample(name)[:96, :96] for name in sample_names()[:3]]
+    flat = np.full((96, 96, 3), 128, np.uint8)  # BRISQUE is undefined on a flat image
+    levels = target_levels(cfg, [*photos, flat])
+    ensemble = IQAEnsemble.from_config(cfg)
+    expected = [min(float(ensemble.score(to_tensor(p)).ensemble10[0]), 6.5) for p in photos]
+    assert levels[:3].tolist() == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1  # different photos, different conditions
+    assert levels[3] == 6.5 and "cannot be scored" in caplog.text

@@ -56,6 +56,7 @@ class PairedImages:
         self.inputs: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.errors: list[FileError] = []
+        self.levels: torch.Tensor | None = None  # per pair, the condition of its target (set by the trainer)
         inputs = {p.name: p for p in list_images(self.input_dir)}
         targets = {p.name: p for p in list_images(self.target_dir)}
         for name in sorted(set(inputs) - set(targets)):
@@ -87,11 +88,12 @@ class PairedImages:
         return len(self.names)
 
     def sample_batch(
-        self, batch_size: int, crop_size: int, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, batch_size: int, crop_size: int, rng: np.random.Generator, with_levels: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Random pairs with the same random crop and horizontal flip on input and target.
 
-        Returns float32 [0, 1] NCHW tensors ``(x, y)`` of side ``crop_size``. An image
+        Returns float32 [0, 1] NCHW tensors ``(x, y)`` of side ``crop_size``, and with
+        ``with_levels`` each pair's entry of ``levels`` as a third tensor. An image
         smaller than ``crop_size`` is first reflect-padded (evenly on both sides) up to it,
         so tiny images still train without resizing (which would change the degradation's
         scale). Only horizontal flips are used: vertical ones would invert haze depth
@@ -99,14 +101,19 @@ class PairedImages:
         """
         if batch_size < 1 or crop_size < 1:
             raise ValueError(f"batch_size and crop_size must be >= 1, got {batch_size}, {crop_size}")
+        if with_levels and self.levels is None:
+            raise ValueError("paired data has no target levels; set PairedImages.levels first")
         xs, ys = [], []
-        for i in rng.integers(0, len(self.names), size=batch_size):
+        index = rng.integers(0, len(self.names), size=batch_size)
+        for i in index:
             pair = np.concatenate([self.inputs[i], self.targets[i]], axis=2)  # one crop for both
             crop = _random_crop(_pad_to(pair, crop_size), crop_size, rng)
             if rng.random() < 0.5:
                 crop = crop[:, ::-1]
             xs.append(crop[..., :3])
             ys.append(crop[..., 3:])
+        if with_levels:
+            return _to_batch(xs), _to_batch(ys), self.levels[torch.from_numpy(index)]
         return _to_batch(xs), _to_batch(ys)
 
 
