@@ -63,8 +63,8 @@ def target_levels(cfg: Config, targets) -> torch.Tensor:
     its ensemble score (0-10) on the run's scale (``cfg.iqa.ranges``, the calibrated ones in a
     calibrated run), merged at the cap as the bank's levels are. A target the metrics cannot
     score gets the cap, with a warning."""
-    from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.imageio import to_tensor
+    from qualiteacher.iqa.ensemble import IQAEnsemble
 
     ensemble = IQAEnsemble.from_config(cfg)
     cap = cfg.model.score_cap
