@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -179,7 +178,8 @@ def mark_helping(rows: dict[str, dict], teacher: dict) -> None:
     for key, row in rows.items():
         here = row["at_cap"]
         row["vs_teacher"] = margins(here, teacher)
-        if previous is not None and chr(ord(key) - 1) == previous[0]:  # only next to the row it adds to
+        order = list(ROWS)
+        if previous is not None and order.index(key) == order.index(previous[0]) + 1:  # the row it adds to
             row["vs_previous"] = margins(here, previous[1]["at_cap"])
             row["helps"] = bool(row["vs_previous"]["psnr"] > 0 and row["vs_previous"]["ensemble"] > 0)
         previous = (key, row)
@@ -271,25 +271,12 @@ def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the ablation; returns what ablation.json holds."""
     args = parse_args(argv)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        return _main(args, argv)
-    finally:
-        torch.set_num_threads(threads)
+    return quality.with_threads(args.threads, lambda: _main(args, argv))
 
 
 def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
-    from qualiteacher.config import load_config
-    from qualiteacher.iqa.weights import prepare
-
     started = time.perf_counter()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    prepare(load_config(args.budget_path, quality.base_overrides(args)).paths.resolved_weights_dir(),
-            log=lambda _m: None)
+    out = quality.prepare_run(args)
     machine = machine_line()
     print("== Ablation: rows " + ", ".join(f"({k}) {ROWS[k].name}" for k in args.row_list))
     print(machine)
@@ -337,8 +324,6 @@ def print_summary(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("ray", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quality.script_logging()
     main()
     sys.exit(0)

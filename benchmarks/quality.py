@@ -665,24 +665,35 @@ def budget_info(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; returns what results.json holds."""
     args = parse_args(argv)
+    return with_threads(args.threads, lambda: _main(args, argv))
+
+
+def with_threads(threads: int, run):
+    """``run()`` with this process's torch intra-op threads set to ``threads``; the old
+    value is restored after, so a calling process (e.g. pytest) is left as it was."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
     try:
-        return _main(args, argv)
+        return run()
     finally:
-        torch.set_num_threads(threads)  # leave a calling process (e.g. pytest) as it was
+        torch.set_num_threads(before)
 
 
-def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+def prepare_run(args: argparse.Namespace) -> Path:
+    """The report folder, created, and the offline metric weights, prepared."""
     from qualiteacher.config import load_config
     from qualiteacher.iqa.weights import prepare
 
-    started = time.perf_counter()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     prepare(load_config(args.budget_path, base_overrides(args)).paths.resolved_weights_dir(), log=lambda _m: None)
+    return args.out
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+    started = time.perf_counter()
+    out = prepare_run(args)
     budget = budget_info(args)
     machine = machine_line()
     print("== Restoration quality: QualiTeacher vs stage-1 teacher vs baseline")
@@ -747,9 +758,14 @@ def print_summary(results: dict) -> None:
     sys.stdout.flush()
 
 
-if __name__ == "__main__":
+def script_logging() -> None:
+    """Progress lines on stderr when run as a script; Ray and HTTP chatter kept down."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("ray", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    script_logging()
     main()
     sys.exit(0)
