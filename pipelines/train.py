@@ -105,54 +105,69 @@ def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[
 CALIBRATION_FILE = "calibration.json"
 
 
-def calibrate_run(cfg: Config, run_dir: Path, unpaired_dir: Path, teacher_state: dict) -> Config:
-    """With `iqa.calibrate`, the config with `iqa.ranges` (and, with `drop.calibrate_keep`, the
-    drop thresholds) fitted to the teacher's pseudo-labels; see `qualiteacher.calibration`.
+def calibrate_run(cfg: Config, run_dir: Path, data: dict[str, Path], teacher_state: dict) -> Config:
+    """The config with `iqa.ranges` fitted to the run's data (with `iqa.calibrate`) and the
+    drop thresholds fitted on the run's scale (with `drop.calibrate_keep`); see
+    `qualiteacher.calibration`.
 
     Fitted once per run folder and saved there: a resumed run reads the same file, so the
     scores already in the bank stay comparable with new ones. Ranges set by hand win.
     """
     from qualiteacher.calibration import Calibration
 
-    if not cfg.iqa.calibrate:
+    if not cfg.iqa.calibrate and cfg.drop.calibrate_keep is None:
         return cfg
     path = run_dir / CALIBRATION_FILE
     if path.exists():
         fitted = Calibration.load(path)
     else:
-        fitted = _fit_calibration(cfg, unpaired_dir, teacher_state)
+        fitted = _fit_calibration(cfg, data, teacher_state)
         fitted.save(path)
-    ranges = {name: fitted.ranges[name] for name in cfg.iqa.metrics if name in fitted.ranges} | cfg.iqa.ranges
-    log.info("IQA ranges fitted on %d images (%s): %s", fitted.images, path,
-             ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
-    update = {"iqa": cfg.iqa.model_copy(update={"ranges": ranges})}
+    update = {}
+    if cfg.iqa.calibrate:
+        ranges = {name: fitted.ranges[name] for name in cfg.iqa.metrics if name in fitted.ranges} | cfg.iqa.ranges
+        log.info("IQA ranges fitted on %d images (%s): %s", fitted.images, path,
+                 ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
+        update["iqa"] = cfg.iqa.model_copy(update={"ranges": ranges})
     if cfg.drop.calibrate_keep is not None and fitted.tau_multi is not None:
         log.info("drop thresholds fitted: tau_multi %.4g, tau_aug %.4g", fitted.tau_multi, fitted.tau_aug)
         update["drop"] = cfg.drop.model_copy(update={"tau_multi": fitted.tau_multi, "tau_aug": fitted.tau_aug})
     return cfg.model_copy(update=update)
 
 
-def _fit_calibration(cfg: Config, unpaired_dir: Path, teacher_state: dict):
+def _image_batches(images: list[np.ndarray], size: int = 8) -> list[torch.Tensor]:
+    """Float batches of at most `size` images, images of one shape together."""
+    from qualiteacher.imageio import to_tensor
+
+    by_shape: dict[tuple, list] = {}
+    for img in images:
+        by_shape.setdefault(img.shape, []).append(img)
+    return [torch.cat([to_tensor(img) for img in group[i:i + size]])
+            for group in by_shape.values() for i in range(0, len(group), size)]
+
+
+def _spread_picks(images: list[np.ndarray], n: int) -> list[np.ndarray]:
+    return [images[i] for i in np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)]
+
+
+def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
     from qualiteacher.calibration import calibrate
     from qualiteacher.data.paired import UnpairedImages
-    from qualiteacher.imageio import to_tensor
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.models.build import build_model
 
-    images = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size, max_pixels=cfg.data.max_image_pixels)
-    n = min(cfg.iqa.calibration_images, len(images.images))
-    picks = [images.images[i] for i in np.linspace(0, len(images.images) - 1, n).round().astype(int)]
-    ensemble = IQAEnsemble(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device)
+    size, max_pixels = cfg.labelling.image_size, cfg.data.max_image_pixels
+    images = UnpairedImages(data["unpaired"], size=size, max_pixels=max_pixels)
+    clean = UnpairedImages(data["paired_target"], size=size, max_pixels=max_pixels)
+    n = cfg.iqa.calibration_images
+    # The run's scale: the ranges of the config (registry ranges and any set by hand) unless fitted.
+    ensemble = IQAEnsemble(cfg.iqa.metrics, cfg.paths.resolved_weights_dir(), cfg.iqa.device, cfg.iqa.ranges)
     model = build_model(cfg.model).eval()
     model.load_state_dict(teacher_state)
     model.to(ensemble.device)
-    by_size: dict[tuple, list] = {}
-    for img in picks:  # images of one size share a batch
-        by_size.setdefault(img.shape, []).append(img)
-    batches = [torch.cat([to_tensor(img) for img in group[i:i + 8]])
-               for group in by_size.values() for i in range(0, len(group), 8)]
-    return calibrate(ensemble, model, batches, tuple(cfg.labelling.augmentations),
-                     cfg.iqa.calibration_percentiles, cfg.drop.calibrate_keep)
+    return calibrate(ensemble, model, _image_batches(_spread_picks(images.images, n)),
+                     tuple(cfg.labelling.augmentations), cfg.iqa.calibration_percentiles, cfg.drop.calibrate_keep,
+                     clean=_image_batches(_spread_picks(clean.images, n)), fit_scale=cfg.iqa.calibrate)
 
 
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
@@ -270,7 +285,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         init_ray(cfg)
         data = prepare_data(cfg, run_dir)
         init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
-        cfg = calibrate_run(cfg, run_dir, data["unpaired"], teacher_state)
+        cfg = calibrate_run(cfg, run_dir, data, teacher_state)
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
         progress = ProgressReporter(_bank(cfg, redis_url))

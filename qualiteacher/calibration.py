@@ -1,13 +1,16 @@
 """Run calibration: the ensemble's min-max ranges (Eq. 4) and the dual-drop thresholds,
-fitted to the initial teacher's pseudo-labels of the run's own inputs.
+fitted to the run's own data: its degraded inputs, the initial teacher's pseudo-labels of
+them, and the clean paired targets.
 
 Why: the registry's ranges (BRISQUE 0-150, NIQE 0-100, ...) hold any image, so on one
 data set every normalised score crowds into a narrow band (on haze, hazy inputs and their
 restorations all score 8-9 of 10 with the offline metrics) and the score condition, the
 ensemble on 0-10 merged above 7, is the same for almost every pseudo-label. Ranges at
 percentiles of the pseudo-labels' own raw scores spread their conditions over the scale,
-as the paper's min-max normalisation over its data does; a label better than the fitted
-range scores 10 (conditions above 7 merge anyway). The drop thresholds live on the scale
+as the paper's min-max normalisation over its data does. The degraded inputs and the clean
+targets are in the pool so that the scale runs from "as degraded as the input" to "as clean
+as a clean photo", with the teacher's labels in between and room above them for better
+ones; a label better than the fitted range scores 10 (conditions above 7 merge anyway). The drop thresholds live on the scale
 of the normalised scores, so they are refitted on the same labels ("keep the most
 consistent fraction", `method.drop.calibrate_thresholds`).
 
@@ -95,21 +98,29 @@ def fit_ranges(raw_batches: Iterable[dict[str, torch.Tensor]],
 
 @torch.no_grad()
 def calibrate(ensemble, teacher, batches: Iterable[torch.Tensor], augmentations: tuple[str, ...],
-              percentiles: tuple[float, float], keep_fraction: float | None) -> Calibration:
+              percentiles: tuple[float, float], keep_fraction: float | None,
+              clean: Iterable[torch.Tensor] = (), fit_scale: bool = True) -> Calibration:
     """Fit ranges (and, with `keep_fraction`, drop thresholds) on the teacher's PL sets.
 
-    `ensemble` is used for raw scores only (its own ranges do not matter); `teacher` maps
-    a batch [N, 3, H, W] in [0, 1] to its restoration; `batches` are degraded inputs.
+    `teacher` maps a batch [N, 3, H, W] in [0, 1] to its restoration; `batches` are degraded
+    inputs; `clean` are clean images of the task (the paired targets). The ranges span the
+    pooled raw scores of the degraded inputs, the teacher's labels and the clean images:
+    fitted on the labels alone, the top of the scale would be the stage-1 teacher's best
+    label, and nothing the student could do better would score above it. With
+    `fit_scale=False` the ensemble's own ranges are kept (only the thresholds are fitted,
+    on that scale). `ensemble` gives raw scores; its ranges matter only then.
     """
     raws, sets, images = [], [], 0
     for x in batches:
-        pls = multi_aug_pseudo_labels(teacher, x.to(ensemble.device), augmentations).clamp(0, 1)
+        x = x.to(ensemble.device)
+        pls = multi_aug_pseudo_labels(teacher, x, augmentations).clamp(0, 1)
         n, k = pls.shape[:2]
         raw = ensemble.raw_scores(pls.flatten(0, 1))
-        raws.append(raw)
+        raws += [raw, ensemble.raw_scores(x)]
         sets.append({name: v.reshape(n, k) for name, v in raw.items()})
         images += n
-    ranges = fit_ranges(raws, percentiles)
+    raws += [ensemble.raw_scores(y) for y in clean]
+    ranges = fit_ranges(raws, percentiles) if fit_scale else ensemble.ranges
     result = Calibration(ranges, images=images)
     if keep_fraction is not None:
         names = list(ranges)

@@ -351,12 +351,31 @@ class Config(Strict):
             self.loss.consistency.enabled = False
         return self
 
+    @model_validator(mode="after")
+    def _consistency_has_a_crop(self) -> Config:
+        """Eq. 9 compares the reward of a crop of the output with the reward of the output of
+        the crop; a crop no smaller than the whole training crop would compare an image with
+        itself, and the term would be zero for the whole run."""
+        if self.train.mode != "qualiteacher" or not self.loss.consistency.enabled:
+            return self
+        side = self.iqa.reward_min_size()
+        if side is not None and side >= self.data.crop_size:
+            raise ValueError(
+                f"loss.consistency: the reward's metrics need crops of at least {side} px, and "
+                f"data.crop_size is {self.data.crop_size}, so Eq. 9 would compare each image with "
+                "itself; raise data.crop_size, add a metric that scores smaller crops to "
+                "iqa.reward_metrics, or set loss.consistency.enabled=false")
+        return self
+
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {field}: {item['msg']}")
+        field = ".".join(str(p) for p in item["loc"])
+        if field:
+            lines.append(f"  {field}: {item['msg']}")
+        else:  # a cross-section rule: its message starts with the field it is about
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

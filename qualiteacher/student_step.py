@@ -18,6 +18,7 @@ from qualiteacher.config import Config
 from qualiteacher.losses.consistency import cropped_consistency_loss
 from qualiteacher.losses.pixel import block_weighted_l1, l1
 from qualiteacher.losses.preference import preference_terms, sample_low_scores
+from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.injection import restore_conditions
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,6 @@ def reward_fn(cfg: Config):
 
     ensemble = IQAEnsemble.from_config(cfg)
     log.info("differentiable reward uses %s", ensemble.reward_weights)
-    if cfg.loss.consistency.enabled and (cfg.iqa.reward_min_size() or 1) >= cfg.data.crop_size:
-        log.warning("cropped consistency has no effect: the reward needs %s px crops and data.crop_size is %d",
-                    cfg.iqa.reward_min_size(), cfg.data.crop_size)
     return ensemble.reward
 
 
@@ -93,11 +91,11 @@ def perceptual_fn(cfg: Config, device: torch.device):
     return VGGPerceptualLoss(cfg.paths.resolved_weights_dir()).to(device).eval()
 
 
-def step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection,
+def step_losses(cfg, model, paired, batch: BankBatch | None, reward, rng, gen, device, step, initial_injection,
                 perceptual=None) -> dict:
     """Every loss of one step (name -> tensor, with "total"): supervised on a paired batch,
-    then on a bank batch the block-weighted pixel loss, perceptual, and after the warm-up
-    Eqs. 8-9. Without bank entries yet, the supervised loss alone."""
+    then on the bank batch the block-weighted pixel loss, perceptual, and after the warm-up
+    Eqs. 8-9. Without a bank batch (no entries yet), the supervised loss alone."""
     tc, lc = cfg.train, cfg.loss
     if lc.supervised_condition == "target_score" and cfg.model.score_condition:
         x_p, y_p, s_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng, with_levels=True)
@@ -108,23 +106,22 @@ def step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initia
     x_p, y_p = x_p.to(device), y_p.to(device)
     out = {"supervised": l1(model(x_p, s_p), y_p)}
     total = lc.supervised_weight * out["supervised"]
-    batch = bank.sample(tc.bank_batch_size, device)
     if batch is None:
         out["total"] = total
         return out
     methods = reward is not None and step >= lc.preference.warmup_steps
     preference = methods and lc.preference.enabled and cfg.model.score_condition
     # One shared forward: each image at every PL's level, and for Eq. 8 also at 7 and s_low.
-    k = batch["level"].shape[1]
-    conditions = [batch["level"]]
+    k = batch.labels_per_image
+    conditions = [batch.level]
     s_low = None
     if preference:
-        s_low = sample_low_scores(batch["x"].shape[0], lc.preference.low_scores, gen).to(device)
+        s_low = sample_low_scores(batch.x.shape[0], lc.preference.low_scores, gen).to(device)
         conditions += [torch.full_like(s_low, cfg.model.score_cap)[:, None], s_low[:, None]]
-    y = restore_conditions(model, batch["x"], torch.cat(conditions, dim=1))
-    mask = batch["mask"]
-    pred, pl = y[:, :k][mask], batch["pl"][mask]
-    out["pixel"] = block_weighted_l1(pred, pl, batch["weights"][mask])
+    y = restore_conditions(model, batch.x, torch.cat(conditions, dim=1))
+    mask = batch.mask
+    pred, pl = y[:, :k][mask], batch.pl[mask]
+    out["pixel"] = block_weighted_l1(pred, pl, batch.weights[mask])
     total = total + lc.pixel_weight * out["pixel"]
     if perceptual is not None:
         out["perceptual"] = perceptual(pred, pl)
@@ -144,22 +141,33 @@ def step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initia
     return out
 
 
-def method_losses(cfg, model, batch, reward, gen, initial_injection, out: dict, y_pair) -> torch.Tensor:
+def poorest_label_quality(batch: BankBatch, reward) -> torch.Tensor:
+    """Per image, the reward of its poorest label on the batch's own crop: q_min of Eq. 8's
+    anchor (L2). Scored here, on the crop that Q(y_high) sees, because the metrics depend on
+    image size (BRISQUE moves by ~17 points between a 128 px label and its 96 px crop)."""
+    with torch.no_grad():
+        q = reward(batch.pl[batch.mask])
+    per_slot = torch.full(batch.mask.shape, float("inf"), device=q.device)
+    per_slot[batch.mask] = q
+    return per_slot.amin(dim=1)
+
+
+def method_losses(cfg, model, batch: BankBatch, reward, gen, initial_injection, out: dict, y_pair) -> torch.Tensor:
     """Eq. 8 (from the shared forward's y_high, y_low) and Eq. 9."""
     lc = cfg.loss
-    total = torch.zeros((), device=batch["x"].device)
+    total = torch.zeros((), device=batch.x.device)
     y_high = None
     if y_pair is not None:
         y_high, y_low, s_low = y_pair
-        pref, _ = preference_terms(y_high, y_low, s_low, reward, batch["q_min"], lc.preference,
-                                   model, initial_injection)
+        pref, _ = preference_terms(y_high, y_low, s_low, reward, poorest_label_quality(batch, reward),
+                                   lc.preference, model, initial_injection)
         out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
         total = total + pref["total"]
         if lc.preference.weight_fidelity > 0:  # entries are best first: column 0 is the best PL
-            out["pref_fidelity"] = block_weighted_l1(y_high, batch["pl"][:, 0], batch["weights"][:, 0])
+            out["pref_fidelity"] = block_weighted_l1(y_high, batch.pl[:, 0], batch.weights[:, 0])
             total = total + lc.preference.weight_fidelity * out["pref_fidelity"]
     if lc.consistency.enabled:
-        out["consistency"] = cropped_consistency_loss(model, batch["x"], reward, lc.consistency.crop_area,
+        out["consistency"] = cropped_consistency_loss(model, batch.x, reward, lc.consistency.crop_area,
                                                       generator=gen, score=cfg.model.score_cap,
                                                       full_output=y_high,
                                                       min_side=cfg.iqa.reward_min_size() or 1)

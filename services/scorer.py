@@ -101,14 +101,9 @@ class ScorerWorker:
         return q.amin(dim=1).tolist()
 
     def _block_weights(self, x: torch.Tensor, kept_idx: list[int], k: int) -> dict:
-        """Relative block weights (grid x grid) of the kept sets' PLs, in one batched call."""
+        """Block weights (grid x grid) of the kept sets' PLs, in one batched call."""
         if not kept_idx:
             return {}
         rows = [i * k + j for i in kept_idx for j in range(k)]
-        grid = self.cfg.iqa.block_grid
-        scores = self.ensemble.block_scores(x[rows], grid)
-        # A flat block has no BRISQUE score (NaN): the mean skips it and it gets the neutral weight 1.
-        mean = torch.nanmean(scores.flatten(1), dim=1).view(-1, 1, 1)
-        rel = scores / mean.clamp_min(1e-6)
-        rel = torch.nan_to_num(rel, nan=1.0).clamp_min(self.cfg.iqa.min_block_weight).numpy()
-        return {(i, j): rel[r] for r, (i, j) in enumerate((i, j) for i in kept_idx for j in range(k))}
+        weights = self.ensemble.block_weights(x[rows], self.cfg.iqa.block_grid, self.cfg.iqa.min_block_weight)
+        return {(i, j): weights[r].numpy() for r, (i, j) in enumerate((i, j) for i in kept_idx for j in range(k))}

@@ -24,11 +24,11 @@ import numpy as np
 import ray
 import redis
 import torch
-import torch.nn.functional as F
 
 from qualiteacher.checkpoint import load_training_state, save_training_state
 from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
+from qualiteacher.method.bank_batch import BankBatch, BankLabel, assemble_bank_batch
 from qualiteacher.method.ema import EMA
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class BankBatches:
-    """Samples bank entries and assembles aligned (input, PL, weight map, level, q_min) crops."""
+    """Samples bank records from Redis and hands them to the core as a `BankBatch`."""
 
     def __init__(self, cfg: Config, redis_url: str, rng: np.random.Generator):
         client = redis_client(redis_url)
@@ -81,15 +81,10 @@ class BankBatches:
             time.sleep(0.5)
         return True
 
-    def sample(self, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
-        """`n` bank images, each with all its PLs (the input and its PLs share one crop box),
-        or None when the bank is empty or Redis is unreachable (the step then trains on
-        paired data only; the client already retried with backoff).
-
-        x [M, 3, c, c]; pl [M, K, 3, c, c]; weights [M, K, 1, c, c]; level [M, K];
-        mask [M, K] (False on the padding slots of images with fewer than K PLs);
-        q_min [M] (the teacher's poorest PL of the image, the anchor of Eq. 8).
-        """
+    def sample(self, n: int, device: torch.device) -> BankBatch | None:
+        """`n` bank images, each with all its labels on one crop (`assemble_bank_batch`), or
+        None when the bank is empty or Redis is unreachable (the step then trains on paired
+        data only; the client already retried with backoff)."""
         try:
             sets = self.bank.sample_sets(n, self.rng)
             inputs = self.inputs.get_many({entries[0].image_id for entries in sets})
@@ -97,35 +92,11 @@ class BankBatches:
             log.warning("bank unreachable (%s); this step uses paired data only", type(exc).__name__)
             return None
         sets = [entries for entries in sets if entries[0].image_id in inputs]
-        if not sets:
-            return None
-        k = max(len(entries) for entries in sets)
-        rows = [self._image_rows(inputs[entries[0].image_id], entries, k) for entries in sets]
-        batch = {key: torch.stack([row[key] for row in rows]).to(device) for key in rows[0]}
-        return batch
-
-    def _image_rows(self, image: np.ndarray, entries: list, k: int) -> dict[str, torch.Tensor]:
-        x = torch.tensor(image).permute(2, 0, 1).float() / 255.0
-        h, w = x.shape[-2:]
-        c = min(self.crop, h, w)
-        top, left = int(self.rng.integers(0, h - c + 1)), int(self.rng.integers(0, w - c + 1))
-        box = (slice(None), slice(top, top + c), slice(left, left + c))
-        pls, maps = [], []
-        for entry in entries:
-            pl = torch.tensor(decode_image(entry.image)).permute(2, 0, 1).float() / 255.0
-            grid = decode_weights(entry.weights)
-            wmap = torch.ones(1, h, w) if grid.size == 0 else F.interpolate(
-                torch.from_numpy(grid)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
-            pls.append(pl[box]), maps.append(wmap[box])
-        pad = k - len(entries)  # padding slots repeat the best PL and are masked out of the loss
-        return {
-            "x": x[box],
-            "pl": torch.stack(pls + [pls[0]] * pad),
-            "weights": torch.stack(maps + [maps[0]] * pad),
-            "level": torch.tensor([min(e.level, self.cap) for e in entries] + [self.cap] * pad),
-            "mask": torch.tensor([True] * len(entries) + [False] * pad),
-            "q_min": torch.tensor(min(e.teacher_q_min for e in entries)),
-        }
+        labels = [[BankLabel(decode_image(e.image), decode_weights(e.weights), e.level) for e in entries]
+                  for entries in sets]
+        batch = assemble_bank_batch([inputs[entries[0].image_id] for entries in sets], labels,
+                                    self.crop, self.cap, self.rng)
+        return None if batch is None else batch.to(device)
 
 
 def _save_checkpoint(model, ema, opt, step, version, cfg) -> ray.train.Checkpoint:
@@ -189,7 +160,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     skipped = 0
 
     while step < cfg.train.steps:
-        losses = step_losses(cfg, model, paired, bank, reward, rng, gen, device, step, initial_injection, perceptual)
+        batch = bank.sample(cfg.train.bank_batch_size, device)
+        losses = step_losses(cfg, model, paired, batch, reward, rng, gen, device, step, initial_injection, perceptual)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         average_gradients(model, world)

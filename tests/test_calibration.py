@@ -4,6 +4,7 @@ fitted to the teacher's pseudo-labels, saved in the run folder and reused on res
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -118,7 +119,7 @@ def test_calibrate_run_saves_once_and_reuses_on_resume(tmp_path, unpaired_dir, w
     state = build_model(cfg.model).state_dict()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    fitted = calibrate_run(cfg, run_dir, unpaired_dir, state)
+    fitted = calibrate_run(cfg, run_dir, _data(unpaired_dir), state)
     saved = Calibration.load(run_dir / CALIBRATION_FILE)
     assert saved.images == 5
     assert fitted.iqa.ranges["brisque"] == saved.ranges["brisque"] != (0.0, 150.0)
@@ -126,15 +127,56 @@ def test_calibrate_run_saves_once_and_reuses_on_resume(tmp_path, unpaired_dir, w
     assert (fitted.drop.tau_multi, fitted.drop.tau_aug) == (saved.tau_multi, saved.tau_aug)
     assert cfg.iqa.ranges == {"piqe": (1.0, 99.0)}  # the caller's config is not changed
     # A resumed run reads the file: no images or teacher needed, the same config comes back.
-    again = calibrate_run(cfg, run_dir, tmp_path / "missing", {})
+    again = calibrate_run(cfg, run_dir, _data(tmp_path / "missing"), {})
     assert again == fitted
     # The config survives the JSON round trip that carries it to the actors.
     assert type(fitted).model_validate(fitted.model_dump(mode="json")) == fitted
 
 
+def _data(folder):
+    """A run's data folders; the calibration images double as the clean targets here."""
+    return {"unpaired": folder, "paired_target": folder, "paired_input": folder}
+
+
 def test_calibration_off_changes_nothing(tmp_path, unpaired_dir):
     from pipelines.train import CALIBRATION_FILE, calibrate_run
 
-    cfg = load_config(None, ["drop.calibrate_keep=0.8"])
-    assert calibrate_run(cfg, tmp_path, unpaired_dir, {}) is cfg
+    cfg = load_config(None)
+    assert calibrate_run(cfg, tmp_path, _data(unpaired_dir), {}) is cfg
     assert not (tmp_path / CALIBRATION_FILE).exists()
+
+
+def test_drop_thresholds_fitted_on_the_fixed_scale(tmp_path, unpaired_dir, weights_dir):
+    """`drop.calibrate_keep` without `iqa.calibrate` (paper.yaml): the registry ranges stay,
+    the thresholds are fitted on that scale, and the worst sets are dropped."""
+    from pipelines.train import calibrate_run
+    from qualiteacher.models.build import build_model
+
+    cfg = load_config(None, ["drop.calibrate_keep=0.6", "labelling.image_size=96", f"paths.weights_dir={weights_dir}"])
+    torch.manual_seed(0)
+    fitted = calibrate_run(cfg, tmp_path, _data(unpaired_dir), build_model(cfg.model).state_dict())
+    assert fitted.iqa.ranges == {} and fitted.iqa == cfg.iqa
+    assert (fitted.drop.tau_multi, fitted.drop.tau_aug) != (cfg.drop.tau_multi, cfg.drop.tau_aug)
+
+
+def test_paper_config_drops_on_a_spread_out_set():
+    """paper.yaml fits its thresholds (fixed ones on the registry ranges dropped nothing on the
+    demo's labels: worst variance 0.010, worst spread 0.143); on a set whose sets differ in
+    consistency, the fitted thresholds drop the least consistent ones, on both criteria."""
+    from qualiteacher.method.drop import AUGMENTATION_INSTABILITY, METRIC_DISAGREEMENT, calibrate_thresholds, dual_drop
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/paper.yaml")
+    assert cfg.drop.enabled and cfg.drop.calibrate_keep is not None
+    gen = torch.Generator().manual_seed(0)
+    base = 0.55 + 0.05 * torch.rand(40, 1, 1, generator=gen)
+    # sets 0-39: metric noise and augmentation noise of growing size (like the demo's: small)
+    noise = torch.linspace(0.001, 0.03, 40).view(40, 1, 1) * torch.randn(40, 3, 3, generator=gen)
+    normalized = (base + noise).clamp(0, 1)
+    tau_multi, tau_aug = calibrate_thresholds(normalized, cfg.drop.calibrate_keep)
+    decision = dual_drop(normalized, tau_multi, tau_aug)
+    reasons = decision.counts()
+    assert reasons.get(METRIC_DISAGREEMENT, 0) + reasons.get(AUGMENTATION_INSTABILITY, 0) >= 40 * (1 - cfg.drop.calibrate_keep)
+    # the noisiest go, the calmest stay
+    assert (~decision.keep).nonzero().float().mean() > 28 and decision.keep[:10].all()
+    # the fixed thresholds of the paper would have kept every one of them
+    assert dual_drop(normalized, 0.03, 0.15).keep.all()

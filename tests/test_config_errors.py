@@ -49,6 +49,8 @@ BAD_YAML = {
     "batch_pixels_text": ("iqa:\n  max_batch_pixels: {cuda: many}\n", "iqa.max_batch_pixels",
                           "'many' for cuda is not"),
     "inconsistent": ("model:\n  enc_blocks: [1, 1]\n  dec_blocks: [1]\n", "model", "same length"),
+    "consistency_without_crop": ("iqa:\n  reward_metrics: {niqe: 1}\ndata:\n  crop_size: 96\n", "loss.consistency",
+                                 "compare each image with itself"),
 }
 
 

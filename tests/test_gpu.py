@@ -124,6 +124,7 @@ def test_teacher_pseudo_labels_match_cpu():
 
 def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
     """The whole step of the student worker (pixel, Eq. 8, Eq. 9 with the real offline reward)."""
+    from qualiteacher.method.bank_batch import BankBatch
     from qualiteacher.models.injection import injection_snapshot
     from qualiteacher.student_step import step_losses
 
@@ -132,22 +133,17 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
                       [f"data.crop_size={crop}", "loss.preference.warmup_steps=0", "loss.perceptual_weight=0"])
     g = torch.Generator().manual_seed(3)
     photos = _photos(3, crop)
-    batch = {
-        "x": photos,
-        "pl": (photos[:, None] + 0.05 * torch.randn(3, 3, 3, crop, crop, generator=g)).clamp(0, 1),
-        "weights": 0.5 + torch.rand(3, 3, 1, crop, crop, generator=g),
-        "level": torch.tensor([[7.0, 5.5, 3.0], [6.0, 4.0, 2.5], [4.5, 7.0, 7.0]]),
-        "mask": torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
-        "q_min": torch.tensor([0.2, 0.4, 0.1]),
-    }
+    batch = BankBatch(
+        x=photos,
+        pl=(photos[:, None] + 0.05 * torch.randn(3, 3, 3, crop, crop, generator=g)).clamp(0, 1),
+        weights=0.5 + torch.rand(3, 3, 1, crop, crop, generator=g),
+        level=torch.tensor([[7.0, 5.5, 3.0], [6.0, 4.0, 2.5], [4.5, 7.0, 7.0]]),
+        mask=torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
+    )
 
     class Paired:
         def sample_batch(self, n, size, rng):
-            return photos[:2], batch["pl"][:2, 0]
-
-    class Bank:
-        def sample(self, n, device):
-            return {k: v.to(device) for k, v in batch.items()}
+            return photos[:2], batch.pl[:2, 0]
 
     base = _model(cfg)
     results = {}
@@ -157,7 +153,7 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
     for key, device in DEVICES.items():
         model = copy.deepcopy(base).to(device)
         initial = injection_snapshot(model)
-        losses = step_losses(cfg, model, Paired(), Bank(), ensembles[key].reward,
+        losses = step_losses(cfg, model, Paired(), batch.to(device), ensembles[key].reward,
                              np.random.default_rng(0), torch.Generator().manual_seed(5), torch.device(device),
                              step=1, initial_injection=initial)
         losses["total"].backward()

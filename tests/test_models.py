@@ -54,6 +54,22 @@ def test_sinusoidal_embedding_shape_and_distinct():
     )  # different scores, different codes
 
 
+@pytest.mark.parametrize("frequencies", [1, 4, 16])
+def test_sinusoidal_embedding_is_ordinal(frequencies):
+    """Nearby scores embed nearby: the cosine similarity to any score falls strictly as the
+    other score moves away from it, in either direction, over the whole 0-10 range."""
+    grid = torch.linspace(0.0, 10.0, 41)
+    e = torch.nn.functional.normalize(sinusoidal_embedding(grid, frequencies, 10.0), dim=1)
+    sim = e @ e.T
+    for i in range(len(grid)):
+        right, left = sim[i, i:], sim[i, : i + 1].flip(0)
+        assert (right[1:] < right[:-1]).all() and (left[1:] < left[:-1]).all(), f"score {grid[i]:.2f}"
+    # one score step apart is close; the ends of the scale are far apart
+    assert sim[28, 24] > 0.9 > 0.5 > sim[0, 40]
+    # 7 is closer to 4 than to 0 (the old wide-band embedding had them equally far)
+    assert sim[28, 16] > sim[28, 0] + 0.2
+
+
 def test_clamp_score_merges_above_cap():
     assert clamp_score(torch.tensor([3.0, 7.0, 8.5, 10.0])).tolist() == [
         3.0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qualiteacher.method.bank_batch import upsample_block_weights
+
 from qualiteacher.config import ModelConfig, PreferenceConfig
 from qualiteacher.losses.consistency import cropped_consistency_loss
 from qualiteacher.losses.pixel import block_weighted_l1
@@ -63,6 +65,7 @@ def test_consistency_loss_backprops_through_ensemble(student, offline_ensemble):
 def test_block_weighted_pixel_loss_with_real_weight_map(student, offline_ensemble):
     x = _image()
     pl = x.flip(-1)
-    wmap = offline_ensemble.weight_map(pl, grid=1)
+    wmap = torch.stack([upsample_block_weights(grid.numpy(), pl.shape[-2:])
+                        for grid in offline_ensemble.block_weights(pl, grid=2)])
     block_weighted_l1(student(x, 5.0), pl, wmap).backward()
     _assert_grads(student)

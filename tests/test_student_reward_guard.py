@@ -8,6 +8,7 @@ import torch
 
 from qualiteacher.config import load_config
 from qualiteacher.iqa.ensemble import IQAEnsemble
+from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
 from qualiteacher.student_step import step_losses
@@ -19,11 +20,10 @@ class _Paired:
         return x, x
 
 
-class _FlatBank:
-    def sample(self, n, device):
-        return {"x": torch.full((n, 3, 96, 96), 0.5), "pl": torch.full((n, 2, 3, 96, 96), 0.5),
-                "weights": torch.ones(n, 2, 1, 96, 96), "level": torch.full((n, 2), 7.0),
-                "mask": torch.ones(n, 2, dtype=torch.bool), "q_min": torch.zeros(n)}
+def _flat_batch(n: int) -> BankBatch:
+    return BankBatch(x=torch.full((n, 3, 96, 96), 0.5), pl=torch.full((n, 2, 3, 96, 96), 0.5),
+                     weights=torch.ones(n, 2, 1, 96, 96), level=torch.full((n, 2), 7.0),
+                     mask=torch.ones(n, 2, dtype=torch.bool))
 
 
 def test_flat_bank_batch_skips_reward_terms(weights_dir):
@@ -34,7 +34,7 @@ def test_flat_bank_batch_skips_reward_terms(weights_dir):
     def flat_reward(y):  # what the real ensemble does when the student's output is flat
         return ensemble.reward(torch.full_like(y, 0.5)) + 0 * y.mean()
 
-    out = step_losses(cfg, model, _Paired(), _FlatBank(), flat_reward, np.random.default_rng(0),
+    out = step_losses(cfg, model, _Paired(), _flat_batch(2), flat_reward, np.random.default_rng(0),
                       torch.Generator().manual_seed(0), torch.device("cpu"), step=10,
                       initial_injection=injection_snapshot(model))
     assert "pixel" in out and torch.isfinite(out["total"])

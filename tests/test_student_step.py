@@ -13,6 +13,7 @@ import torch
 from qualiteacher.config import load_config
 from qualiteacher.losses.pixel import block_weighted_l1, l1
 from qualiteacher.losses.preference import preference_loss, sample_low_scores
+from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_parameters, injection_snapshot
 from qualiteacher.student_step import step_losses
@@ -29,22 +30,16 @@ class _Paired:
         return self.x, self.y
 
 
-class _Bank:
+def _bank_batch() -> BankBatch:
     """Three images: two with 3 PLs, one with a single PL (two padding slots)."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(2)
-        self.batch = {
-            "x": torch.rand(3, 3, CROP, CROP, generator=g),
-            "pl": torch.rand(3, 3, 3, CROP, CROP, generator=g),
-            "weights": 0.5 + torch.rand(3, 3, 1, CROP, CROP, generator=g),
-            "level": torch.tensor([[7.0, 5.5, 3.0], [6.0, 4.0, 2.5], [4.5, 7.0, 7.0]]),
-            "mask": torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
-            "q_min": torch.tensor([0.2, 0.4, 0.1]),
-        }
-
-    def sample(self, n, device):
-        return self.batch
+    g = torch.Generator().manual_seed(2)
+    return BankBatch(
+        x=torch.rand(3, 3, CROP, CROP, generator=g),
+        pl=torch.rand(3, 3, 3, CROP, CROP, generator=g),
+        weights=0.5 + torch.rand(3, 3, 1, CROP, CROP, generator=g),
+        level=torch.tensor([[7.0, 5.5, 3.0], [6.0, 4.0, 2.5], [4.5, 7.0, 7.0]]),
+        mask=torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
+    )
 
 
 def _reward(y):  # smooth, differentiable, depends on every pixel: a stand-in metric
@@ -67,20 +62,23 @@ def _reference(cfg, model, paired, batch, gen, initial):
     preds, pls, maps = [], [], []
     for i in range(3):
         for j in range(3):
-            if batch["mask"][i, j]:
-                preds.append(model(batch["x"][i:i + 1], batch["level"][i, j:j + 1]))
-                pls.append(batch["pl"][i, j:j + 1]), maps.append(batch["weights"][i, j:j + 1])
+            if batch.mask[i, j]:
+                preds.append(model(batch.x[i:i + 1], batch.level[i, j:j + 1]))
+                pls.append(batch.pl[i, j:j + 1]), maps.append(batch.weights[i, j:j + 1])
     total = total + lc.pixel_weight * block_weighted_l1(torch.cat(preds), torch.cat(pls), torch.cat(maps))
     s_low = sample_low_scores(3, lc.preference.low_scores, gen)
-    y_high = torch.cat([model(batch["x"][i:i + 1], cap) for i in range(3)])
-    y_low = torch.cat([model(batch["x"][i:i + 1], s_low[i:i + 1]) for i in range(3)])
-    terms = preference_loss(_reward(y_high), _reward(y_low), batch["q_min"], lc.preference.beta,
+    y_high = torch.cat([model(batch.x[i:i + 1], cap) for i in range(3)])
+    y_low = torch.cat([model(batch.x[i:i + 1], s_low[i:i + 1]) for i in range(3)])
+    # Eq. 8's anchor: each image's poorest real label, scored on the same crop as y_high
+    q_min = torch.stack([min(_reward(batch.pl[i, j:j + 1])[0] for j in range(3) if batch.mask[i, j])
+                         for i in range(3)])
+    terms = preference_loss(_reward(y_high), _reward(y_low), q_min, lc.preference.beta,
                             lc.preference.margin)
     from qualiteacher.losses.preference import identity_loss
 
     total = total + lc.preference.weight_rank * terms["rank"] + lc.preference.weight_anchor * terms["anchor"]
     # Fidelity: y_high against each image's best (first) PL, with that PL's block weights.
-    fidelity = block_weighted_l1(y_high, batch["pl"][:, 0], batch["weights"][:, 0])
+    fidelity = block_weighted_l1(y_high, batch.pl[:, 0], batch.weights[:, 0])
     total = total + lc.preference.weight_fidelity * fidelity
     return total + lc.preference.weight_identity * identity_loss(model, initial)
 
@@ -91,13 +89,13 @@ def test_shared_forward_step_equals_one_forward_per_condition(fidelity):
                              "loss.preference.warmup_steps=0", f"loss.preference.weight_fidelity={fidelity}"])
     model = _model(cfg)
     initial = injection_snapshot(model)
-    paired, bank = _Paired(), _Bank()
-    shared = step_losses(cfg, model, paired, bank, _reward, np.random.default_rng(0),
+    paired, batch = _Paired(), _bank_batch()
+    shared = step_losses(cfg, model, paired, batch, _reward, np.random.default_rng(0),
                          torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
     assert {"pixel", "pref_rank", "pref_anchor", "pref_identity"} <= set(shared)
     assert ("pref_fidelity" in shared) == (fidelity > 0)
     reference_model = copy.deepcopy(model)
-    reference = _reference(cfg, reference_model, paired, bank.batch, torch.Generator().manual_seed(5), initial)
+    reference = _reference(cfg, reference_model, paired, batch, torch.Generator().manual_seed(5), initial)
     torch.testing.assert_close(shared["total"], reference, rtol=1e-5, atol=1e-6)
     shared["total"].backward()
     reference.backward()
@@ -109,22 +107,17 @@ def test_padding_slots_do_not_count():
     cfg = load_config(None, [f"data.crop_size={CROP}", "loss.preference.enabled=false",
                              "loss.consistency.enabled=false"])
     model = _model(cfg)
-    bank = _Bank()
-    out = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+    batch = _bank_batch()
+    out = step_losses(cfg, model, _Paired(), batch, None, np.random.default_rng(0), torch.Generator(),
                       torch.device("cpu"), step=0, initial_injection=None)
-    bank.batch["pl"][2, 1:] = 1e3  # garbage in the padding slots changes nothing
-    again = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+    batch.pl[2, 1:] = 1e3  # garbage in the padding slots changes nothing
+    again = step_losses(cfg, model, _Paired(), batch, None, np.random.default_rng(0), torch.Generator(),
                         torch.device("cpu"), step=0, initial_injection=None)
     assert torch.equal(out["pixel"], again["pixel"])
-    bank.batch["pl"][2, 0] = 1e3  # the one real slot of image 2 does count
-    third = step_losses(cfg, model, _Paired(), bank, None, np.random.default_rng(0), torch.Generator(),
+    batch.pl[2, 0] = 1e3  # the one real slot of image 2 does count
+    third = step_losses(cfg, model, _Paired(), batch, None, np.random.default_rng(0), torch.Generator(),
                         torch.device("cpu"), step=0, initial_injection=None)
     assert third["pixel"] > 10 * out["pixel"]
-
-
-class _EmptyBank:
-    def sample(self, n, device):
-        return None
 
 
 class _PairedWithLevels(_Paired):
@@ -136,9 +129,10 @@ class _PairedWithLevels(_Paired):
 
 @pytest.mark.parametrize("condition", ["cap", "target_score"])
 def test_supervised_loss_runs_at_the_chosen_condition(condition):
-    cfg = load_config(None, [f"data.crop_size={CROP}", f"loss.supervised_condition={condition}"])
+    cfg = load_config(None, [f"data.crop_size={CROP}", f"loss.supervised_condition={condition}",
+                             "loss.consistency.enabled=false"])
     model, paired = _model(cfg), _PairedWithLevels()
-    out = step_losses(cfg, model, paired, _EmptyBank(), None, np.random.default_rng(0), torch.Generator(),
+    out = step_losses(cfg, model, paired, None, None, np.random.default_rng(0), torch.Generator(),
                       torch.device("cpu"), step=0, initial_injection=None)
     with torch.no_grad():
         at_levels = l1(model(paired.x, paired.levels), paired.y)

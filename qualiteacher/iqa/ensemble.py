@@ -111,6 +111,28 @@ def differentiable_score(net: torch.nn.Module, x: torch.Tensor, exact: bool, exa
         return net(x)
 
 
+def covering_windows(x: torch.Tensor, block: int | None) -> tuple[torch.Tensor, int]:
+    """The whole-block windows of ``x`` that together cover it: (windows stacked along the
+    batch, window count W); image i's w-th window is row ``w * N + i``.
+
+    A metric that reads only whole ``block`` x ``block`` blocks from the top-left (NIQE)
+    would see 56% of a 128 px image; the largest whole-block window placed at each of the
+    four corners covers every pixel. An image of whole blocks (or no ``block``) is its own
+    single window, so its score is the metric's own.
+    """
+    h, w = x.shape[-2:]
+    if not block or (h % block == 0 and w % block == 0) or h < block or w < block:
+        return x, 1
+    wh, ww = h // block * block, w // block * block
+    corners = {(top, left) for top in (0, h - wh) for left in (0, w - ww)}
+    return torch.cat([x[..., t:t + wh, l:l + ww] for t, l in sorted(corners)]), len(corners)
+
+
+def _window_mean(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Per image, the mean score over its `covering_windows` (a NaN window makes it NaN)."""
+    return scores.reshape(count, -1).mean(dim=0)
+
+
 def _with_ranges(specs: dict[str, MetricSpec],
                  ranges: Mapping[str, tuple[float, float]] | None) -> dict[str, MetricSpec]:
     return {name: replace(spec, low=float(ranges[name][0]), high=float(ranges[name][1]))
@@ -216,12 +238,17 @@ class IQAEnsemble:
     # ---- scoring (no gradients) ----
     @torch.no_grad()
     def raw_scores(self, x: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Metric -> (N,) raw scores of the whole images (see `covering_windows`)."""
         x = x.to(self.device, torch.float32).clamp(0, 1)
-        step = x.shape[0]
+        return {n: self._raw_one(n, x) for n in (names or self.names)}
+
+    def _raw_one(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        windows, count = covering_windows(x, self.specs[name].block_size)
+        step = windows.shape[0]
         if self.max_batch_pixels:
-            step = max(1, self.max_batch_pixels // (x.shape[-2] * x.shape[-1]))
-        return {n: torch.cat([self._call(n, x[i:i + step]) for i in range(0, x.shape[0], step)])
-                for n in (names or self.names)}
+            step = max(1, self.max_batch_pixels // (windows.shape[-2] * windows.shape[-1]))
+        scores = torch.cat([self._call(name, windows[i:i + step]) for i in range(0, windows.shape[0], step)])
+        return _window_mean(scores, count)
 
     def _call(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One metric on one chunk (N,). Where pyiqa raises on the chunk (NIQE's SVD on a flat
@@ -282,16 +309,20 @@ class IQAEnsemble:
         normalized = self.normalize(self.raw_scores(blocks, names))
         return self.combine(normalized).reshape(n, grid, grid)
 
-    def weight_map(self, x: torch.Tensor, grid: int, floor: float = 0.1) -> torch.Tensor:
-        """Pixel-loss weights (N, 1, H, W): block scores relative to the image's mean block.
+    def block_weights(self, x: torch.Tensor, grid: int, floor: float = 0.1) -> torch.Tensor:
+        """Pixel-loss weights per block (N, grid, grid): each block's ensemble score relative
+        to the image's mean block, at least ``floor``. The one weight rule of the method: the
+        scorer stores it with every label, the student upsamples it (`upsample_block_weights`).
 
-        Dividing by the mean keeps the loss scale independent of the image's overall
-        quality (that is carried by the score condition); the floor keeps poor blocks in play.
+        Dividing by the mean keeps the loss scale independent of the image's overall quality
+        (that is carried by the score condition); the floor keeps poor blocks in play. A
+        block no metric can score (a flat one: BRISQUE and NIQE are undefined there) gets
+        the neutral weight 1 and is left out of the mean.
         """
         scores = self.block_scores(x, grid)
-        rel = scores / scores.mean(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-        rel = rel.clamp_min(floor).unsqueeze(1)
-        return F.interpolate(rel, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        mean = torch.nanmean(scores.flatten(1), dim=1).view(-1, 1, 1)
+        rel = scores / mean.clamp_min(1e-6)
+        return torch.nan_to_num(rel, nan=1.0).clamp_min(floor)
 
     # ---- differentiable reward for Eqs. 8-9 ----
     def reward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,10 +338,17 @@ class IQAEnsemble:
             raise ValueError(
                 f"no reward metric ({', '.join(self.reward_names) or 'none'}) can score {size} px images; "
                 "the preference and consistency losses need one (brisque, niqe, musiq, clipiqa, topiq_nr)")
-        x = x.to(self.device)
-        raw = {n: differentiable_score(self.models[n].net, x, self.specs[n].exact_convolutions,
-                                       exact_backward=x.is_cuda).reshape(-1).float() for n in names}
-        return self.quality_from_raw(raw)
+        # Scored as saved: a restoration is clamped to [0, 1] when written and labelled, so
+        # the reward must not credit (or be gamed by) values outside it.
+        x = x.to(self.device).clamp(0, 1)
+        return self.quality_from_raw({n: self._differentiable_raw(n, x) for n in names})
+
+    def _differentiable_raw(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        spec = self.specs[name]
+        windows, count = covering_windows(x, spec.block_size)
+        scores = differentiable_score(self.models[name].net, windows, spec.exact_convolutions,
+                                      exact_backward=x.is_cuda).reshape(-1).float()
+        return _window_mean(scores, count)
 
     def quality_from_raw(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward's formula applied to raw scores already computed (e.g. by the scorer).

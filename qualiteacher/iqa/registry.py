@@ -37,6 +37,11 @@ class MetricSpec:
     create_kwargs: dict[str, Any] = field(default_factory=dict)
     # Smallest input side the metric accepts (block scoring respects it).
     min_size: int = 32
+    # The metric reads whole blocks of this side and drops the rest of the image (pyiqa's
+    # NIQE keeps the top-left floor(H/96)*96 x floor(W/96)*96). The ensemble then scores
+    # the windows of that size at the four corners and averages them, so every pixel counts
+    # (`ensemble.covering_windows`); an image of whole blocks is scored as pyiqa scores it.
+    block_size: int | None = None
     # Hand-crafted statistics (local variances) that need exact convolutions: no cuDNN, no
     # TF32 on a GPU (`ensemble.metric_backend`).
     exact_convolutions: bool = False
@@ -66,7 +71,7 @@ METRICS: dict[str, MetricSpec] = {
                               "built by `qualiteacher weights prepare` from "
                               "basicsr/metrics/niqe_pris_params.npz in the PyPI sdist basicsr==1.4.2",
                               prepared=True),),
-            min_size=96, exact_convolutions=True,
+            min_size=96, block_size=96, exact_convolutions=True,
         ),
         MetricSpec("piqe", "piqe", lower_better=True, low=0.0, high=100.0, gradients="none", min_size=16,
                    exact_convolutions=True),

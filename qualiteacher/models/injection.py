@@ -42,18 +42,23 @@ def clamp_score(score: Tensor, cap: float = 7.0) -> Tensor:
 def sinusoidal_embedding(
     score: Tensor, num_frequencies: int, max_score: float
 ) -> Tensor:
-    """[N] scores -> [N, 2F] features (sin then cos).
+    """[N] scores -> [N, 2F] features (sin then cos), ordinal over [0, max_score].
 
-    The score is normalised to t = s / max_score in [0, 1]; frequencies are geometric
-    from pi to 100*pi so both coarse and fine (0.1-step) score differences are visible.
+    The score is normalised to t = s / max_score in [0, 1]; the F frequencies are geometric
+    from pi/8 to pi. The cosine similarity of two embeddings is the mean of cos(f * dt)
+    over the frequencies, and with every f <= pi that falls monotonically with |dt| over
+    the whole range: nearby scores embed nearby and "higher" is one direction the MLP can
+    learn and interpolate, as timestep embeddings are over their range. (Frequencies up to
+    100*pi, as before, made every integer score its own class: cos <= 0.21 between any
+    two, 7 as close to 0 as to 4.)
     """
     if score.dim() != 1:
         raise ValueError(f"score must have shape [N], got {tuple(score.shape)}")
     t = score.float() / max_score
     exponents = torch.linspace(0.0, 1.0, num_frequencies, device=score.device)
     if num_frequencies == 1:
-        exponents = torch.zeros(1, device=score.device)
-    freqs = math.pi * torch.pow(100.0, exponents)
+        exponents = torch.ones(1, device=score.device)
+    freqs = math.pi * torch.pow(8.0, exponents - 1.0)
     phase = t[:, None] * freqs[None, :]
     return torch.cat([torch.sin(phase), torch.cos(phase)], dim=1)
 
