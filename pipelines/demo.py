@@ -16,6 +16,7 @@ from qualiteacher.config import Config
 from qualiteacher.imageio import list_images, read_image
 
 DEMO_SCORES = (3.0, 5.0, 7.0)
+CONTROL_SCORES = tuple(float(s) for s in range(8))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,14 +49,35 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
     teacher_out = run_dir / "restored" / "stage1_teacher"
     restore_folder(run_dir / "pretrain.pt", test_in, teacher_out, score=cfg.model.score_cap)
     rows.append(("stage-1 teacher", teacher_out))
-    for score in DEMO_SCORES:
-        out = run_dir / "restored" / f"score_{score:g}"
-        restore_folder(Path(summary["checkpoint"]), test_in, out, score=score)
-        rows.append((f"student @ score {score:g}", out))
+    swept = {score: restored_at(summary, test_in, run_dir, score) for score in CONTROL_SCORES}
+    rows += [(f"student @ score {score:g}", swept[score]) for score in DEMO_SCORES]
     print(f"\n{'images':<22} {'PSNR vs hidden GT':>18} {'NR ensemble (0-10)':>20}  folder")
     for label, folder in rows:
         results = [r for r in score_files(list_images(folder), ensemble) if "error" not in r]
         nr = float(np.mean([r["ensemble"] for r in results])) if results else float("nan")
         print(f"{label:<22} {mean_psnr(folder, test_gt):>18.2f} {nr:>20.2f}  {folder}")
+    print(controllability_line(swept, test_gt))
     print(f"\n[demo] summary: {run_dir / 'summary.json'}")
     return 0
+
+
+def restored_at(summary: dict, test_in: Path, run_dir: Path, score: float) -> Path:
+    """The test inputs restored by the trained student at `score` (restored/score_<s>)."""
+    from pipelines.restore import restore_folder
+
+    out = run_dir / "restored" / f"score_{score:g}"
+    restore_folder(Path(summary["checkpoint"]), test_in, out, score=score)
+    return out
+
+
+def controllability_line(swept: dict[float, Path], test_gt: Path) -> str:
+    """Does the condition control quality? Spearman of condition against the mean PSNR of the
+    test images restored at it (+1: each higher condition restores better)."""
+    from scipy.stats import spearmanr
+
+    scores = sorted(swept)
+    curve = [mean_psnr(swept[s], test_gt) for s in scores]
+    rho = float(spearmanr(scores, curve).statistic)
+    return (f"{'controllability':<22} Spearman(condition {scores[0]:g}..{scores[-1]:g}, PSNR) {rho:+.2f}; "
+            f"PSNR at each: "
+            + " ".join(f"{v:.2f}" for v in curve))

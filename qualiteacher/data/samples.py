@@ -50,6 +50,9 @@ _LOADERS: dict[str, Callable[[], np.ndarray]] = {
 }
 
 SPLITS: tuple[str, ...] = ("paired/input", "paired/target", "unpaired/input", "test/input", "test/target")
+# The unpaired set's clean images: never read by training, written only for experiments
+# that need hidden ground truth of the training inputs (an oracle scorer).
+HIDDEN_SPLIT = "unpaired/target"
 
 
 def sample_names() -> list[str]:
@@ -133,6 +136,7 @@ def make_task_sets(
     n_test: int = 2,
     crops_per_image: int = 4,
     overwrite: bool = False,
+    hidden_targets: bool = False,
 ) -> dict[str, Path]:
     """Build ``paired/{input,target}``, ``unpaired/input`` and ``test/{input,target}`` under
     ``out_dir`` for ``task`` (see the module docstring for the split).
@@ -141,12 +145,13 @@ def make_task_sets(
     seeded like ``degrade_folder``'s, so ``degrade_folder(task, seed, paired/target, d)``
     reproduces ``paired/input``. Existing images in these folders are an error unless
     ``overwrite``, which deletes them first (stale files would leak into the sets).
-    Returns the folder of each split, keyed by the names in ``SPLITS``.
+    Returns the folder of each split, keyed by the names in ``SPLITS``; with
+    ``hidden_targets`` also ``HIDDEN_SPLIT``, the clean images of the unpaired inputs.
     """
     task_params(task)  # validate the task name before writing anything
     if size < 8 or crops_per_image < 1:
         raise ValueError(f"need size >= 8 and crops_per_image >= 1, got {size} and {crops_per_image}")
-    dirs = {split: Path(out_dir) / split for split in SPLITS}
+    dirs = {split: Path(out_dir) / split for split in SPLITS + ((HIDDEN_SPLIT,) if hidden_targets else ())}
     _prepare_dirs(dirs.values(), overwrite)
     groups = split_names(n_test)
     for group, domain in (("paired", "paired"), ("unpaired", "unpaired"), ("test", "unpaired")):
@@ -156,7 +161,7 @@ def make_task_sets(
                 fname = f"{name}_{k}.png"
                 rng = np.random.default_rng(file_seed(seed, fname, task, domain))
                 write_png(dirs[f"{group}/input"] / fname, degrade(clean, task, rng, domain))
-                if group != "unpaired":
+                if f"{group}/target" in dirs:
                     write_png(dirs[f"{group}/target"] / fname, clean)
     return dirs
 

@@ -1,0 +1,341 @@
+"""The oracle factorial (issue 15): is it the framework or the NR metrics that fails?
+
+    python -m benchmarks.oracle --tasks haze --seeds 3 [--cells all] [--ladder 0,0.5] [--fast]
+
+Crosses where the labels' levels, drops and gating come from, {nr, oracle}, with the reward
+of Eqs. 8-9, {off, nr, oracle}; each cell is a student run of the in-process reference loop
+(`benchmarks.reference_loop`: the method's core pieces in turn, no Ray or Redis) from the same
+stage-1 teacher, on the same sets and budget, one run per seed. The oracle is PSNR against
+hidden ground truth (`benchmarks.oracle_scorer`). Per cell it reports, on a held-out test set
+of the "real" domain (ground truth hidden from training):
+
+- QualiTeacher at score 7 against the stage-1 teacher and the Colabator-style baseline
+  (`train.mode=baseline`, NR levels, same loop and budget), in PSNR, SSIM and NR ensemble;
+- controllability: Spearman of condition 0..7 against mean PSNR and against mean NR.
+
+Means over seeds with their range. Writes ``oracle.md`` and ``oracle.json`` into ``--out``
+and ends with ``RESULT oracle_controllable_cells <n> cells target <all oracle-level cells>``.
+``--fast``: tiny budget, numbers meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import emit_result, machine_line, print_table
+from benchmarks.oracle_scorer import OracleReward, OracleScorer, level_of
+from benchmarks.quality import TASKS, fmt, spearman, stage1_models, with_threads
+from benchmarks.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
+
+LEVELS = ("nr", "oracle")
+REWARDS = ("off", "nr", "oracle")
+SWEEP = tuple(float(s) for s in range(8))
+FAST_OVERRIDES = ("train.steps=6", "train.push_every=3", "pretrain.steps=4", "loss.preference.warmup_steps=2")
+TARGET_SPEARMAN = 0.9
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.oracle", description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="haze", help=f"comma-separated, or 'all' ({', '.join(TASKS)})")
+    parser.add_argument("--cells", default="all",
+                        help="comma-separated level:reward cells (e.g. oracle:off,nr:nr), or 'all' (the six)")
+    parser.add_argument("--seeds", type=int, default=3, help="student runs per cell (seeds 0..N-1)")
+    parser.add_argument("--ladder", default="",
+                        help="condition ladder blends, e.g. 0,0.5 (not in the paper; default none)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
+    parser.add_argument("--budget", type=Path, default=Path("configs/quality_budget.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--n-test", type=int, default=3, help="source photos held out for the test set")
+    parser.add_argument("--crops-per-image", type=int, default=8, help="crops per source photo in every set")
+    parser.add_argument("--out", type=Path, default=Path("runs/oracle"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fast", action="store_true", help="tiny budget: checks that it runs")
+    args = parser.parse_args(argv)
+    args.task_list = list(TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    if any(t not in TASKS for t in args.task_list):
+        parser.error(f"unknown task in {args.tasks!r}; known: {', '.join(TASKS)}")
+    pairs = [(lv, rw) for lv in LEVELS for rw in REWARDS] if args.cells == "all" else \
+        [tuple(c.split(":")) for c in args.cells.split(",") if c]
+    if any(len(c) != 2 or c[0] not in LEVELS or c[1] not in REWARDS for c in pairs):
+        parser.error(f"--cells takes level:reward pairs with level in {LEVELS} and reward in {REWARDS}")
+    args.cell_list = pairs
+    args.ladder_alphas = tuple(float(a) for a in args.ladder.split(",") if a.strip())
+    if args.fast:
+        args.overrides = list(FAST_OVERRIDES) + args.overrides
+        args.crops_per_image, args.seeds = 2, 1
+    return args
+
+
+# ---------------------------------------------------------------------------- one task
+class Task:
+    """Sets, stage-1 models, the NR ensemble, the calibrated config and the oracle's scale."""
+
+    def __init__(self, task: str, args: argparse.Namespace):
+        from qualiteacher.config import load_config
+        from qualiteacher.data.paired import PairedImages, UnpairedImages
+        from qualiteacher.data.samples import HIDDEN_SPLIT, make_task_sets
+        from qualiteacher.iqa.ensemble import IQAEnsemble
+
+        self.name, self.dir = task, args.out / task
+        self.overrides = list(args.overrides) + [f"data.task={task}"]
+        cfg = load_config(args.budget, self.overrides)
+        size = cfg.labelling.image_size or 128
+        self.sets = make_task_sets(task, self.dir / "data", seed=cfg.seed, size=size, n_test=args.n_test,
+                                   crops_per_image=args.crops_per_image, overwrite=True, hidden_targets=True)
+        self.stage1 = stage1_models(cfg, argparse.Namespace(budget_path=args.budget), self.overrides, self.sets,
+                                    self.dir, task)
+        self.paired = PairedImages(self.sets["paired/input"], self.sets["paired/target"])
+        unpaired = UnpairedImages(self.sets["unpaired/input"], size=size)
+        hidden = {p.stem: p for p in sorted(self.sets[HIDDEN_SPLIT].iterdir())}
+        self.inputs = torch.stack([from_uint8(img) for img in unpaired.images])
+        self.hidden_gt = torch.stack([from_uint8(_read(hidden[Path(p).stem])) for p in unpaired.paths])
+        self.test_x = torch.stack([from_uint8(_read(p)) for p in sorted(self.sets["test/input"].iterdir())])
+        self.test_gt = np.stack([_read(p) for p in sorted(self.sets["test/target"].iterdir())])
+        self.registry_ensemble = IQAEnsemble.from_config(cfg)  # NR for reports: fixed (registry) ranges
+        teacher = self._stage1_model(cfg, conditioned=True)
+        self.cfg = self._calibrated(cfg, teacher)
+        self.nr_ensemble = IQAEnsemble.from_config(self.cfg)
+        self.oracle_scale = fit_oracle_scale(teacher, self.inputs, self.hidden_gt, tuple(cfg.labelling.augmentations))
+        self.oracle_taus = self._oracle_thresholds(teacher)
+
+    def _stage1_model(self, cfg, conditioned: bool):
+        from qualiteacher.checkpoint import load_restorer
+
+        model, _ = load_restorer(self.stage1["qualiteacher" if conditioned else "baseline"],
+                                 model_cfg=cfg.model if conditioned else None)
+        return model.eval()
+
+    def _calibrated(self, cfg, teacher):
+        """The run's NR scale and drop thresholds, as `pipelines.train.calibrate_run` fits them."""
+        from qualiteacher.calibration import calibrate
+        from qualiteacher.iqa.ensemble import IQAEnsemble
+
+        ensemble = IQAEnsemble.from_config(cfg)
+        clean = torch.stack([from_uint8(img) for img in self.paired.targets]) if _same_size(self.paired.targets) \
+            else torch.empty(0)
+        fitted = calibrate(ensemble, teacher, self.inputs.split(8), tuple(cfg.labelling.augmentations),
+                           cfg.iqa.calibration_percentiles, cfg.drop.calibrate_keep, clean=clean.split(8),
+                           fit_scale=cfg.iqa.calibrate)
+        update = {"iqa": cfg.iqa.model_copy(update={"ranges": fitted.ranges | cfg.iqa.ranges})}
+        if fitted.tau_multi is not None:
+            update["drop"] = cfg.drop.model_copy(update={"tau_multi": fitted.tau_multi, "tau_aug": fitted.tau_aug})
+        return cfg.model_copy(update=update)
+
+    def _oracle_thresholds(self, teacher) -> tuple[float, float]:
+        from qualiteacher.method.augment import multi_aug_pseudo_labels
+        from qualiteacher.method.drop import calibrate_thresholds
+
+        judge = OracleJudge(OracleScorer(self.oracle_scale, self.cfg.iqa.block_grid, self.cfg.iqa.min_block_weight))
+        labels = multi_aug_pseudo_labels(teacher, self.inputs, tuple(self.cfg.labelling.augmentations)).clamp(0, 1)
+        keep = self.cfg.drop.calibrate_keep or 0.85
+        return calibrate_thresholds(judge(labels, self.hidden_gt).normalized, keep)
+
+
+def _read(path: Path) -> np.ndarray:
+    from qualiteacher.imageio import read_image
+
+    return read_image(path)
+
+
+def _same_size(images: list[np.ndarray]) -> bool:
+    return len({img.shape for img in images}) == 1
+
+
+# ---------------------------------------------------------------------------- runs
+def cell_config(task: Task, level: str, reward: str):
+    cfg = task.cfg
+    pref = cfg.loss.preference.model_copy(update={"enabled": reward != "off"})
+    # Eq. 9 guards a metric reward against hacking; the oracle cannot be hacked, and its crops
+    # would need ground truth crops the loss does not carry: off with the oracle reward.
+    cons = cfg.loss.consistency.model_copy(update={"enabled": reward == "nr"})
+    update = {"loss": cfg.loss.model_copy(update={"preference": pref, "consistency": cons})}
+    if level == "oracle":
+        update["drop"] = cfg.drop.model_copy(update=dict(zip(("tau_multi", "tau_aug"), task.oracle_taus)))
+    return cfg.model_copy(update=update)
+
+
+def run_cell(task: Task, level: str, reward: str, seed: int, ladder: tuple[float, ...]) -> dict:
+    cfg = cell_config(task, level, reward)
+    oracle = OracleScorer(task.oracle_scale, cfg.iqa.block_grid, cfg.iqa.min_block_weight)
+    judge = OracleJudge(oracle) if level == "oracle" else NRJudge(task.nr_ensemble, cfg)
+    reward_fn = {"off": None, "nr": task.nr_ensemble.reward, "oracle": OracleReward(task.oracle_scale)}[reward]
+    model = task._stage1_model(cfg, conditioned=True)
+    paired = copy.copy(task.paired)
+    if cfg.loss.supervised_condition == "target_score":
+        paired.levels = _paired_levels(task, cfg, level)
+    loop = ReferenceLoop(cfg, model, paired, task.inputs, task.hidden_gt, judge, reward_fn, ladder)
+    t0 = time.perf_counter()
+    stats = loop.run(seed)
+    result = evaluate(task, model, SWEEP)
+    result.update(seconds=round(time.perf_counter() - t0, 1), dropped=stats.dropped,
+                  bank_labels=sum(len(v) for v in loop.bank.values()),
+                  bank_levels=[round(e.score, 2) for v in loop.bank.values() for e in v])
+    return result
+
+
+def _paired_levels(task: Task, cfg, level: str) -> torch.Tensor:
+    """Each paired target's condition on the run's scale: its NR score, or for the oracle the
+    top of the scale (a clean target is as good as a label can be)."""
+    from qualiteacher.student_step import target_levels
+
+    if level == "oracle":
+        return torch.full((len(task.paired.targets),), cfg.model.score_cap)
+    return target_levels(cfg, task.paired.targets)
+
+
+def run_baseline(task: Task, seed: int) -> dict:
+    from qualiteacher.config import Config
+
+    cfg = Config.model_validate(task.cfg.model_dump() | {"train": task.cfg.train.model_dump() | {"mode": "baseline"}})
+    cfg = cfg.model_copy(update={"iqa": task.cfg.iqa})
+    model = task._stage1_model(cfg, conditioned=False)
+    loop = ReferenceLoop(cfg, model, copy.copy(task.paired), task.inputs, task.hidden_gt,
+                         NRJudge(task.nr_ensemble, cfg))
+    loop.run(seed)
+    return evaluate(task, model, (cfg.model.score_cap,))
+
+
+@torch.no_grad()
+def evaluate(task: Task, model, scores: Sequence[float]) -> dict:
+    """Per condition: mean PSNR / SSIM against the hidden test ground truth and mean NR
+    ensemble (registry ranges) of the restored test set."""
+    from qualiteacher.evaluation import reference_scores
+
+    model.eval()
+    points = []
+    for score in scores:
+        out = model(task.test_x, score).clamp(0, 1)
+        images = to_uint8(out)
+        ref = [reference_scores(images[i], task.test_gt[i]) for i in range(len(images))]
+        nr = task.registry_ensemble.score(from_uint8(images)).ensemble10
+        points.append({"score": score, "psnr": float(np.mean([r["psnr"] for r in ref])),
+                       "ssim": float(np.mean([r["ssim"] for r in ref])), "nr": float(np.nanmean(nr.numpy()))})
+    at_cap = points[-1]
+    out = {"at7": {k: at_cap[k] for k in ("psnr", "ssim", "nr")}, "sweep": points}
+    if len(points) > 2:
+        xs = [p["score"] for p in points]
+        out["spearman_psnr"] = spearman(xs, [p["psnr"] for p in points])["rho"]
+        out["spearman_nr"] = spearman(xs, [p["nr"] for p in points])["rho"]
+    return out
+
+
+def teacher_result(task: Task) -> dict:
+    model = task._stage1_model(task.cfg, conditioned=False)
+    return evaluate(task, model, (task.cfg.model.score_cap,))["at7"]
+
+
+# ---------------------------------------------------------------------------- summary
+def mean_range(values: list[float]) -> dict:
+    arr = np.array(values, dtype=float)
+    return {"mean": float(np.nanmean(arr)), "min": float(np.nanmin(arr)), "max": float(np.nanmax(arr)),
+            "runs": [float(v) for v in arr]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = {f"{m}": [r["at7"][m] for r in runs] for m in ("psnr", "ssim", "nr")}
+    out = {k: mean_range(v) for k, v in keys.items()}
+    for k in ("spearman_psnr", "spearman_nr"):
+        if k in runs[0]:
+            out[k] = mean_range([r[k] for r in runs])
+    out["sweep_psnr"] = [float(np.mean([r["sweep"][i]["psnr"] for r in runs])) for i in range(len(runs[0]["sweep"]))]
+    out["sweep_nr"] = [float(np.mean([r["sweep"][i]["nr"] for r in runs])) for i in range(len(runs[0]["sweep"]))]
+    if len(out["sweep_psnr"]) > 2:
+        out["spearman_mean_sweep_psnr"] = spearman(list(SWEEP), out["sweep_psnr"])["rho"]
+    return out
+
+
+def _pm(stat: dict, digits: int = 2) -> str:
+    return f"{fmt(stat['mean'], digits)} [{fmt(stat['min'], digits)}, {fmt(stat['max'], digits)}]"
+
+
+def write_report(results: dict, out: Path) -> Path:
+    lines = ["# Oracle factorial: levels x reward", ""]
+    if results["fast"]:
+        lines += ["**FAST MODE: tiny budget; these numbers are NOT meaningful.**", ""]
+    lines += [f"Command: `{results['command']}`", "", results["machine"], "",
+              f"Ladder: {list(results['ladder']) or 'none'}; seeds {results['seeds']}; wall time "
+              f"{results['elapsed_s']:.0f} s. Values: mean [min, max] over seeds.", ""]
+    for task, res in results["tasks"].items():
+        t, b = res["teacher"], res.get("baseline")
+        lines += [f"## {task}", "",
+                  f"Test set: {res['test_images']} images. Stage-1 teacher @7: PSNR {fmt(t['psnr'])}, SSIM "
+                  f"{fmt(t['ssim'], 3)}, NR {fmt(t['nr'])}."
+                  + (f" Baseline: PSNR {_pm(b['psnr'])}, SSIM {_pm(b['ssim'], 3)}, NR {_pm(b['nr'])}." if b else ""),
+                  "", "| levels | reward | PSNR @7 | dPSNR vs teacher | SSIM @7 | NR @7 | Spearman(cond, PSNR) "
+                  "| Spearman(cond, NR) | PSNR at conditions 0..7 |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for cell, s in res["cells"].items():
+            level, reward = cell.split(":")
+            lines.append(f"| {level} | {reward} | {_pm(s['psnr'])} | {s['psnr']['mean'] - t['psnr']:+.2f} | "
+                         f"{_pm(s['ssim'], 3)} | {_pm(s['nr'])} | {_pm(s['spearman_psnr'], 2)} | "
+                         f"{_pm(s['spearman_nr'], 2)} | {' '.join(fmt(v, 1) for v in s['sweep_psnr'])} |")
+        lines.append("")
+    path = out / "oracle.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_task(task_name: str, args: argparse.Namespace) -> dict:
+    task = Task(task_name, args)
+    res: dict = {"teacher": teacher_result(task), "test_images": int(task.test_x.shape[0]), "cells": {},
+                 "oracle_scale": task.oracle_scale.to_json(), "runs": {}}
+    if not args.no_baseline:
+        res["baseline"] = summarise([run_baseline(task, seed) for seed in range(args.seeds)])
+    for level, reward in args.cell_list:
+        cell = f"{level}:{reward}"
+        runs = []
+        for seed in range(args.seeds):
+            runs.append(run_cell(task, level, reward, seed, args.ladder_alphas))
+            r = runs[-1]
+            sweep = " ".join(f"{p['psnr']:.1f}" for p in r["sweep"])
+            print(f"[{task_name}] {cell} seed {seed}: PSNR@7 {r['at7']['psnr']:.2f} (teacher "
+                  f"{res['teacher']['psnr']:.2f}), rho(cond, PSNR) {r['spearman_psnr']:.2f}, sweep "
+                  f"{sweep}, {r['seconds']:.0f} s", flush=True)
+        res["runs"][cell] = runs
+        res["cells"][cell] = summarise(runs)
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    return with_threads(args.threads, lambda: _main(args, argv))
+
+
+def _main(args: argparse.Namespace, argv) -> dict:
+    from qualiteacher.config import load_config
+    from qualiteacher.iqa.weights import prepare
+
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    prepare(load_config(args.budget, args.overrides).paths.resolved_weights_dir(), log=lambda _m: None)
+    tasks = {t: run_task(t, args) for t in args.task_list}
+    oracle_cells = [(t, c) for t, r in tasks.items() for c, s in r["cells"].items() if c.startswith("oracle:")]
+    controllable = sum(tasks[t]["cells"][c]["spearman_psnr"]["mean"] >= TARGET_SPEARMAN for t, c in oracle_cells)
+    results = {"command": "python -m benchmarks.oracle " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "fast": args.fast, "machine": machine_line(), "ladder": args.ladder_alphas, "seeds": args.seeds,
+               "tasks": tasks, "controllable_oracle_cells": controllable,
+               "elapsed_s": round(time.perf_counter() - started, 1)}
+    (args.out / "oracle.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(results, args.out)
+    rows = [[t, c, s["psnr"]["mean"], s["psnr"]["mean"] - r["teacher"]["psnr"], s["ssim"]["mean"],
+             s["spearman_psnr"]["mean"], s["spearman_nr"]["mean"]]
+            for t, r in tasks.items() for c, s in r["cells"].items()]
+    print_table(["task", "cell", "PSNR@7", "vs teacher", "SSIM@7", "rho PSNR", "rho NR"], rows)
+    print(f"report: {report}")
+    emit_result("oracle_controllable_cells", controllable, "cells", len(oracle_cells))
+    return results
+
+
+if __name__ == "__main__":
+    from benchmarks.quality import script_logging
+
+    script_logging()
+    main()

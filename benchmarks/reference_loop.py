@@ -1,0 +1,216 @@
+"""QualiTeacher's loop in one process, for experiments: label -> score -> drop -> gate ->
+student step -> EMA -> relabel, with the scorer and the reward swappable for an oracle.
+
+The distributed pipeline (`pipelines/train.py`) runs the same core pieces on Ray actors and
+a Redis bank, concurrently. Here they run in turn, synchronously and deterministically for
+a seed, which is what an experiment that compares settings needs: the multi-aug labels
+(`multi_aug_pseudo_labels`), the dual drop (`dual_drop`), the gate (`method.gating.gate`),
+the student's batch (`assemble_bank_batch`) and step (`step_losses`), and the EMA teacher.
+Every `train.push_every` steps the teacher is the EMA and every image is labelled again.
+
+Condition ladder (`ladder`, not in the paper): per labelled image, blends
+a * best label + (1 - a) * input for a in the ladder, each scored by the run's scorer and
+trained at its own level alongside the bank's labels. Three labels of one image differ in
+quality by less than a level, so without it the condition sees almost no within-image
+variation to learn "higher is better" from (issue 15's probe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from benchmarks.oracle_scorer import OracleReward, OracleScale, OracleScorer, level_of, psnr
+from qualiteacher.config import Config
+from qualiteacher.data.paired import PairedImages
+from qualiteacher.method.augment import multi_aug_pseudo_labels
+from qualiteacher.method.bank_batch import BankLabel, assemble_bank_batch
+from qualiteacher.method.drop import dual_drop
+from qualiteacher.method.ema import EMA
+from qualiteacher.method.gating import Scored, gate
+from qualiteacher.models.injection import injection_snapshot
+from qualiteacher.student_step import gradients_finite, step_losses
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry(Scored):
+    """A label in the in-memory bank (`score` is its level: the gate ranks by it)."""
+
+    label: BankLabel = field(compare=False)
+
+
+@dataclass
+class Judged:
+    """One labelling round's verdict on N images with K labels each."""
+
+    levels: torch.Tensor  # (N, K) on 0-10
+    normalized: torch.Tensor  # (N, K, M) per metric, for the dual drop
+    weights: torch.Tensor  # (N, K, grid, grid)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[..., 3, H, W] in [0, 1] -> [..., H, W, 3] uint8, as labels are stored."""
+    return (images.clamp(0, 1) * 255).round().byte().movedim(-3, -1).numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float() / 255.0
+
+
+class NRJudge:
+    """The NR ensemble, as the scorer actor uses it."""
+
+    def __init__(self, ensemble, cfg: Config):
+        self.ensemble, self.cfg = ensemble, cfg
+
+    def __call__(self, labels: torch.Tensor, gt: torch.Tensor | None) -> Judged:
+        n, k = labels.shape[:2]
+        flat = labels.flatten(0, 1)
+        scores = self.ensemble.score(flat)
+        normalized = torch.stack([scores.normalized[m] for m in self.ensemble.names], dim=-1)
+        weights = self.ensemble.block_weights(flat, self.cfg.iqa.block_grid, self.cfg.iqa.min_block_weight)
+        return Judged(scores.ensemble10.reshape(n, k), normalized.reshape(n, k, -1),
+                      weights.reshape(n, k, *weights.shape[1:]))
+
+
+class OracleJudge:
+    """The oracle (`benchmarks.oracle_scorer`) in the scorer's place."""
+
+    def __init__(self, scorer: OracleScorer):
+        self.scorer = scorer
+
+    def __call__(self, labels: torch.Tensor, gt: torch.Tensor) -> Judged:
+        n, k = labels.shape[:2]
+        flat, gt_flat = labels.flatten(0, 1), gt.repeat_interleave(k, 0)
+        unit = self.scorer.normalized(flat, gt_flat)
+        weights = self.scorer.block_weights(flat, gt_flat)
+        return Judged(level_of(unit).reshape(n, k), unit.reshape(n, k, 1), weights.reshape(n, k, *weights.shape[1:]))
+
+
+def fit_oracle_scale(teacher, inputs: torch.Tensor, gt: torch.Tensor, augmentations) -> OracleScale:
+    """The oracle's dB scale from the stage-1 teacher's labels of the training inputs."""
+    labels = multi_aug_pseudo_labels(teacher, inputs, augmentations).clamp(0, 1)
+    k = labels.shape[1]
+    return OracleScale.fit(psnr(inputs, gt).numpy(), psnr(labels.flatten(0, 1), gt.repeat_interleave(k, 0)).numpy())
+
+
+@dataclass
+class LoopStats:
+    versions: int = 0
+    labelled: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    admitted: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"label": 0.0, "step": 0.0})
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+class ReferenceLoop:
+    """One student run. `judge` scores labels; `reward` is None, the NR reward or an
+    `OracleReward`; `hidden_gt` [N, 3, H, W] is the unpaired inputs' ground truth, used only
+    by oracle judges and rewards. With `loss.supervised_condition=target_score` the caller
+    sets `paired.levels`."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, paired: PairedImages, inputs: torch.Tensor,
+                 hidden_gt: torch.Tensor | None, judge, reward=None, ladder: tuple[float, ...] = ()):
+        self.cfg, self.model, self.paired, self.inputs, self.gt = cfg, model, paired, inputs, hidden_gt
+        self.judge, self.reward, self.ladder = judge, reward, tuple(ladder)
+        self.ids = [f"img{i:04d}" for i in range(inputs.shape[0])]
+        self.bank: dict[str, list[Entry]] = {}
+        self.seen: dict[str, set[str]] = {}
+        self.rungs: dict[str, list[BankLabel]] = {}
+        self.stats = LoopStats()
+
+    # ---------------------------------------------------------------- labelling
+    @torch.no_grad()
+    def label_all(self, teacher: torch.nn.Module, version: int) -> None:
+        t0 = time.perf_counter()
+        augs = tuple(self.cfg.labelling.augmentations)
+        for start in range(0, len(self.ids), self.cfg.labelling.batch_size * 4):
+            rows = slice(start, start + self.cfg.labelling.batch_size * 4)
+            x = self.inputs[rows]
+            gt = None if self.gt is None else self.gt[rows]
+            labels = multi_aug_pseudo_labels(teacher, x, augs).clamp(0, 1)
+            judged = self.judge(labels, gt)
+            drop = self.cfg.drop
+            decision = dual_drop(judged.normalized, drop.tau_multi, drop.tau_aug, enabled=drop.enabled)
+            for reason, count in decision.counts().items():
+                self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + count
+            for i, image_id in enumerate(self.ids[rows]):
+                if decision.keep[i]:
+                    self._gate(image_id, version, augs, labels[i], judged, i)
+            if self.ladder:
+                self._label_rungs(x, labels, judged, gt, self.ids[rows])
+        self.stats.versions += 1
+        self.stats.labelled += len(self.ids)
+        self.stats.seconds["label"] += time.perf_counter() - t0
+
+    def _gate(self, image_id: str, version: int, augs, labels: torch.Tensor, judged: Judged, i: int) -> None:
+        images = to_uint8(labels)
+        candidates = [Entry(f"{image_id}.v{version}.{aug}", float(judged.levels[i, j]),
+                            BankLabel(images[j], judged.weights[i, j].numpy(), float(judged.levels[i, j])))
+                      for j, aug in enumerate(augs)]
+        seen = self.seen.setdefault(image_id, set())
+        kept, _ = gate(self.bank.get(image_id, []), candidates, self.cfg.gating.top_k, seen)
+        seen.update(c.label_id for c in candidates)
+        self.stats.admitted += len({e.label_id for e in kept} - {e.label_id for e in self.bank.get(image_id, [])})
+        self.bank[image_id] = kept
+
+    def _label_rungs(self, x, labels, judged: Judged, gt, ids) -> None:
+        """The condition ladder: blends of each image's best label of this round with its input."""
+        best = labels[torch.arange(labels.shape[0]), judged.levels.argmax(dim=1)]
+        rungs = torch.stack([a * best + (1 - a) * x for a in self.ladder], dim=1)
+        scored = self.judge(rungs, gt)
+        images = to_uint8(rungs)
+        for i, image_id in enumerate(ids):
+            self.rungs[image_id] = [BankLabel(images[i, r], np.zeros((0, 0), np.float32), float(scored.levels[i, r]))
+                                    for r in range(len(self.ladder))]
+
+    # ---------------------------------------------------------------- training
+    def bank_batch(self, rng: np.random.Generator):
+        ready = [i for i, image_id in enumerate(self.ids) if self.bank.get(image_id)]
+        if not ready:
+            return None, None
+        picks = rng.choice(ready, size=min(self.cfg.train.bank_batch_size, len(ready)), replace=False)
+        stacked = []  # input and hidden ground truth stacked on channels: one crop box for both
+        for i in picks:
+            x = to_uint8(self.inputs[i])
+            stacked.append(np.concatenate([x, to_uint8(self.gt[i])], axis=-1) if self.gt is not None else x)
+        labels = [[e.label for e in self.bank[self.ids[i]]] + self.rungs.get(self.ids[i], []) for i in picks]
+        batch = assemble_bank_batch(stacked, labels, self.cfg.data.crop_size, self.cfg.model.score_cap, rng)
+        gt = batch.x[:, 3:] if self.gt is not None else None
+        batch.x = batch.x[:, :3]
+        return batch, gt
+
+    def run(self, seed: int) -> LoopStats:
+        cfg, model = self.cfg, self.model
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        initial = injection_snapshot(model) if cfg.model.score_condition else None
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        ema = EMA(model, cfg.ema.decay)
+        device = torch.device("cpu")
+        for step in range(cfg.train.steps):
+            if step % cfg.train.push_every == 0:
+                self.label_all(ema.teacher, step // cfg.train.push_every)
+            t0 = time.perf_counter()
+            model.train()
+            batch, gt = self.bank_batch(rng)
+            if isinstance(self.reward, OracleReward) and batch is not None:
+                self.reward.bind(gt, batch.mask)
+            losses = step_losses(cfg, model, self.paired, batch, self.reward, rng, gen, device, step, initial)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if gradients_finite(model):
+                opt.step()
+                ema.update(model)
+            self.stats.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+            self.stats.seconds["step"] += time.perf_counter() - t0
+        model.eval()
+        return self.stats

@@ -1,0 +1,28 @@
+"""The demo's closing controllability line (pipelines/demo.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.demo import controllability_line
+from qualiteacher.imageio import write_png
+
+
+def test_controllability_line_reads_the_sweep(tmp_path):
+    """Folders whose images get closer to the ground truth as the condition rises: +1; the
+    same folders in the reverse order of conditions: -1."""
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    for i, image in enumerate(gt):
+        write_png(tmp_path / "gt" / f"{i}.png", image)
+    swept = {}
+    for level in range(8):
+        noise = rng.normal(0, 40.0 / (level + 1), size=gt.shape)
+        folder = tmp_path / f"score_{level}"
+        for i, image in enumerate(gt):
+            write_png(folder / f"{i}.png", np.clip(image + noise[i], 0, 255).astype(np.uint8))
+        swept[float(level)] = folder
+    line = controllability_line(swept, tmp_path / "gt")
+    assert "Spearman(condition 0..7, PSNR) +1.00" in line
+    reverse = {7.0 - s: folder for s, folder in swept.items()}
+    assert "-1.00" in controllability_line(reverse, tmp_path / "gt")

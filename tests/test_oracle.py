@@ -1,0 +1,79 @@
+"""The oracle scorer and the factorial's reference loop (benchmarks/oracle*.py, reference_loop.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.oracle_scorer import OracleReward, OracleScale, OracleScorer, psnr
+
+
+def _pair(noise: float, seed: int = 0, size: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(1, 3, size, size, generator=g)
+    return (gt + noise * torch.randn(gt.shape, generator=g)).clamp(0, 1), gt
+
+
+def test_psnr_matches_the_definition():
+    pred, gt = _pair(0.1)
+    mse = float(((pred - gt) ** 2).mean())
+    assert psnr(pred, gt).item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+
+
+def test_scale_puts_inputs_at_the_bottom_and_room_above_the_teacher():
+    scale = OracleScale.fit(np.array([10.0, 11.0, 12.0]), np.array([15.0, 16.0, 18.0]))
+    assert scale.unit(torch.tensor(scale.low_db)).item() == pytest.approx(0.0)
+    best_label_level = 10 * scale.unit(torch.tensor(np.percentile([15.0, 16.0, 18.0], 98))).item()
+    assert 5.5 < best_label_level < 7.5  # the teacher's best labels sit near the cap, with room above
+
+
+def test_oracle_ranks_by_distance_to_ground_truth_and_weights_blocks():
+    scorer = OracleScorer(OracleScale(5.0, 40.0), block_grid=2, min_block_weight=0.1)
+    gt = _pair(0.0)[1]
+    noisy = torch.cat([_pair(n)[0] for n in (0.02, 0.1, 0.3)])  # same gt (seed 0), more and more noise
+    units = scorer.normalized(noisy, gt.expand(3, -1, -1, -1))
+    assert units[0] > units[1] > units[2]
+    damaged = gt.clone()
+    damaged[..., :16, 16:] = (damaged[..., :16, 16:] + 0.4).clamp(0, 1)
+    weights = scorer.block_weights(damaged, gt)
+    assert weights.shape == (1, 2, 2) and weights[0, 0, 1] < weights[0, 1, 0]
+
+
+def test_oracle_reward_matches_its_batch_layouts_and_has_gradients():
+    reward = OracleReward(OracleScale(5.0, 40.0))
+    gt = torch.rand(2, 3, 16, 16)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    reward.bind(gt, mask)
+    y = gt.clone().requires_grad_(True)
+    q = reward(torch.cat([y, (y + 0.2).clamp(0, 1)]))  # [y_high; y_low]
+    assert q.shape == (4,) and (q[:2] > q[2:]).all()
+    q.sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+    assert reward(gt[[0, 0, 1]]).shape == (3,)  # the masked labels' layout
+    with pytest.raises(ValueError, match="match no layout"):
+        reward(torch.rand(5, 3, 16, 16))
+
+
+def test_factorial_fast_runs_and_reports(tmp_path, capsys, weights_dir):
+    """`--fast` on one task and two cells: the report and JSON hold every cell and the
+    teacher, Spearman values are numbers in [-1, 1] or NaN (a flat sweep), and the labels
+    in the bank have levels on the 0-10 scale."""
+    from benchmarks import oracle
+    from benchmarks.common import parse_result
+
+    results = oracle.main(["--fast", "--tasks", "haze", "--cells", "oracle:off,nr:nr", "--ladder", "0,0.5",
+                           "--out", str(tmp_path), "--no-baseline"])
+    task = results["tasks"]["haze"]
+    assert set(task["cells"]) == {"oracle:off", "nr:nr"}
+    for cell in task["cells"].values():
+        rho = cell["spearman_psnr"]["mean"]
+        assert math.isnan(rho) or -1.0 <= rho <= 1.0
+        assert len(cell["sweep_psnr"]) == 8
+    run = task["runs"]["oracle:off"][0]
+    assert run["bank_labels"] > 0 and all(0.0 <= v <= 10.0 for v in run["bank_levels"])
+    assert (tmp_path / "oracle.md").read_text().count("| oracle | off |") == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert parse_result(last).name == "oracle_controllable_cells"
