@@ -50,8 +50,10 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # ladder blends (1 - a) * input + a * clea
 LADDER_ITEMS = tuple(f"a={a:g}" for a in ALPHAS) + ("teacher",)
 PL_AUGMENTATIONS = ("hflip", "vflip", "rot90")
 IMAGE_SIZE = 128  # side of every test image; the reference of the size sensitivity
-SIZES = (48, 96, 128, 256)
+# 64: the blocks of the pixel-loss weight maps (block_grid 2 on 128 px); 96: the student's crops.
+SIZES = (48, 64, 96, 128, 256)
 SCALES = ("registry", "calibrated")
+RAW = "raw"  # a single metric's own scores, unclipped: what it can rank before any range is applied
 ENSEMBLE = "ensemble"
 RANKER_RHO = 0.8  # ladder Spearman vs PSNR at or above which a metric "ranks" a task
 RANKER_SHARE = 0.8  # ... on at least this share of the tasks run (4 of 5)
@@ -373,7 +375,29 @@ def collect(task: str, args: argparse.Namespace, ensemble, task_dir: Path) -> di
 def analyse(data: dict, ensemble) -> dict:
     """The statistics of one task: {scale: {entry: {...}}} for the registry and calibrated scales."""
     scales = {"registry": ensemble, "calibrated": ensemble.with_ranges(data["calibrated_ranges"])}
-    return {scale: scale_stats(data, ens) for scale, ens in scales.items()}
+    return {scale: scale_stats(data, ens) for scale, ens in scales.items()} | {RAW: raw_stats(data, ensemble)}
+
+
+def raw_stats(data: dict, ensemble) -> dict:
+    """The rankings of each metric's raw scores, oriented so that higher is better and
+    never clipped: they tell the metric's own ability from what a range's clipping hides."""
+    def oriented(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {m: -v if ensemble.specs[m].lower_better else v for m, v in raw.items()}
+
+    ladder_o, pls_o = oriented(data["ladder"]["raw"]), oriented(data["pls"]["raw"])
+    return {m: {"ladder": {ref: ranking(ladder_o[m], data["ladder"][ref]) for ref in ("psnr", "ssim")},
+                "pls": {ref: ranking(pls_o[m], data["pls"][ref]) for ref in ("psnr", "ssim")}
+                | {"best_agreement": best_agreement(pls_o[m], data["pls"]["psnr"])}}
+            for m in ladder_o}
+
+
+def ladder_means(data: dict, ensemble) -> dict[str, list[float]]:
+    """Mean over the test images at each ladder item: PSNR, SSIM, each metric's raw score
+    and the ensemble on the calibrated scale (0-1): which way each score moves."""
+    calibrated = on_scale(ensemble.with_ranges(data["calibrated_ranges"]), data["ladder"]["raw"])
+    columns = {"psnr": data["ladder"]["psnr"], "ssim": data["ladder"]["ssim"]} | data["ladder"]["raw"] \
+        | {ENSEMBLE: calibrated[ENSEMBLE]}
+    return {k: [_nanmean(v[:, i]) for i in range(v.shape[1])] for k, v in columns.items()}
 
 
 def scale_stats(data: dict, ens) -> dict:
@@ -413,21 +437,32 @@ def needed_tasks(tasks_run: int) -> int:
 
 
 def summarise(tasks: dict[str, dict], entries: list[str]) -> dict:
-    """Per entry and scale, across tasks: on how many tasks it ranks the ladder and the PLs,
-    whether it counts as a ranker, and the sentences of the report."""
+    """Per entry and scale, across tasks: on which tasks it ranks the ladder and the PLs,
+    whether it counts as a ranker, and the sentences of the report. Single metrics also
+    get their raw (unclipped) scores as a scale; the ensemble exists only on a scale."""
     need = needed_tasks(len(tasks))
     out: dict = {}
     for entry in entries:
         out[entry] = {}
-        for scale in SCALES:
+        for scale in scales_of(entry):
             stats = {t: res["stats"][scale][entry] for t, res in tasks.items()}
-            ladder_rho = {t: s["ladder"]["psnr"]["pooled"] for t, s in stats.items()}
-            ladder_yes = [t for t, r in ladder_rho.items() if np.isfinite(r) and r >= RANKER_RHO]
+            ladder_yes = [t for t, s in stats.items() if ranks_ladder(s["ladder"])]
             pl_yes = [t for t, s in stats.items() if ranks_pls(s["pls"])]
+            lines = [ladder_sentence(stats, ladder_yes, need), pl_sentence(stats, pl_yes, need)]
+            if scale != RAW:
+                lines += sensitivity_sentences(stats)
             out[entry][scale] = {"ladder_tasks": ladder_yes, "pl_tasks": pl_yes,
-                                 "ranker": len(ladder_yes) >= need,
-                                 "verdict": verdict(stats, ladder_rho, ladder_yes, pl_yes, need)}
+                                 "ranker": len(ladder_yes) >= need, "verdict": lines}
     return out
+
+
+def scales_of(entry: str) -> tuple[str, ...]:
+    return SCALES if entry == ENSEMBLE else (RAW, *SCALES)
+
+
+def ranks_ladder(ladder_stats: dict) -> bool:
+    value = ladder_stats["psnr"]["pooled"]
+    return bool(np.isfinite(value) and value >= RANKER_RHO)
 
 
 def ranks_pls(pls: dict) -> bool:
@@ -435,31 +470,38 @@ def ranks_pls(pls: dict) -> bool:
     return bool(np.isfinite(rho_psnr) and np.isfinite(agree) and rho_psnr >= PL_RHO and agree >= PL_AGREE)
 
 
-def verdict(stats: dict[str, dict], ladder_rho: dict[str, float], ladder_yes: list[str], pl_yes: list[str],
-            need: int) -> list[str]:
-    """The report's sentences for one entry on one scale."""
-    n = len(stats)
-    finite = [r for r in ladder_rho.values() if np.isfinite(r)]
-    span = f"rho {fmt(min(finite))} to {fmt(max(finite))} vs PSNR" if finite else "rho undefined"
-    word = "yes" if len(ladder_yes) >= need else ("partly" if ladder_yes else "no")
-    lines = [(f"ranks the ladder: {word} ({len(ladder_yes)} of {n} tasks with rho >= {RANKER_RHO}: "
-              f"{', '.join(ladder_yes) or 'none'}; {span})")]
-    rho_pl = [s["pls"]["psnr"]["per_image_mean"] for s in stats.values()]
-    agree = [s["pls"]["best_agreement"] for s in stats.values()]
-    pl_word = "yes" if len(pl_yes) >= need else ("partly" if pl_yes else "no")
-    lines.append(f"ranks the PLs of one image: {pl_word} ({len(pl_yes)} of {n} tasks; mean per-image rho "
-                 f"{fmt(_nanmean(rho_pl))} vs PSNR, its best PL is the PSNR-best on {_pct(_nanmean(agree))} "
-                 f"of images, chance 33 %)")
-    flip_r = _nanmean([s["flip"]["restored"] for s in stats.values()])
+def _word(yes: list[str], need: int) -> str:
+    return "yes" if len(yes) >= need else ("partly" if yes else "no")
+
+
+def _span(values) -> str:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return f"{fmt(min(finite))} to {fmt(max(finite))}" if finite else "n/a"
+
+
+def ladder_sentence(stats: dict[str, dict], yes: list[str], need: int) -> str:
+    pooled = [s["ladder"]["psnr"]["pooled"] for s in stats.values()]
+    median = [s["ladder"]["psnr"]["per_image_median"] for s in stats.values()]
+    return (f"ranks the ladder: {_word(yes, need)} ({len(yes)} of {len(stats)} tasks with rho >= {RANKER_RHO}: "
+            f"{', '.join(yes) or 'none'}; pooled rho {_span(pooled)} vs PSNR, median per image {_span(median)})")
+
+
+def pl_sentence(stats: dict[str, dict], yes: list[str], need: int) -> str:
+    rho_pl = _nanmean([s["pls"]["psnr"]["per_image_mean"] for s in stats.values()])
+    agree = _nanmean([s["pls"]["best_agreement"] for s in stats.values()])
+    return (f"ranks the PLs of one image: {_word(yes, need)} ({len(yes)} of {len(stats)} tasks; mean per-image "
+            f"rho {fmt(rho_pl)} vs PSNR, its best PL is the PSNR-best on {_pct(agree)} of images, chance 33 %)")
+
+
+def sensitivity_sentences(stats: dict[str, dict]) -> list[str]:
     flip_c = _nanmean([s["flip"]["clean"] for s in stats.values()])
+    flip_r = _nanmean([s["flip"]["restored"] for s in stats.values()])
     spread = _nanmean([s["pls"]["score_spread"] for s in stats.values()])
     noisy = " - flip noise as large as the PLs' spread" if np.isfinite(spread) and flip_r >= spread else ""
-    lines.append(f"hflip moves the score by {fmt(flip_c, 3)} (clean) / {fmt(flip_r, 3)} (restored) on average; "
-                 f"the three PLs of an image spread over {fmt(spread, 3)}{noisy}")
     size = {s: _nanmean([st["size"]["clean"][str(s)] for st in stats.values()]) for s in SIZES if s != IMAGE_SIZE}
-    lines.append("same clean content vs 128 px: " + ", ".join(
-        f"{s} px {fmt_change(v)}" for s, v in size.items()))
-    return lines
+    return [(f"hflip moves the score by {fmt(flip_c, 3)} (clean) / {fmt(flip_r, 3)} (restored) on average; "
+             f"the three PLs of an image spread over {fmt(spread, 3)}{noisy}"),
+            "same clean content vs 128 px: " + ", ".join(f"{s} px {fmt_change(v)}" for s, v in size.items())]
 
 
 def _nanmean(values) -> float:
@@ -476,16 +518,19 @@ def fmt_change(value: float) -> str:
 
 
 def rankers(summary: dict, scale: str) -> list[str]:
-    return [entry for entry, by_scale in summary.items() if by_scale[scale]["ranker"]]
+    """The entries that rank the ladder on enough tasks on ``scale`` (raw: single metrics only)."""
+    return [entry for entry, by_scale in summary.items() if scale in by_scale and by_scale[scale]["ranker"]]
 
 
 # ---------------------------------------------------------------------------- report
-def _rows(results: dict, cell: Callable[[dict, str], str], extra: Callable[[str, str], str] | None = None) -> list[str]:
-    """One markdown row per entry and scale; ``cell(stats, task)`` fills a task's column."""
+def _rows(results: dict, cell: Callable[[dict], str], raw: bool = False,
+          extra: Callable[[str, str], str] | None = None) -> list[str]:
+    """One markdown row per entry and scale (with ``raw``, single metrics' raw scores too);
+    ``cell(stats)`` fills a task's column."""
     lines = []
     for entry in results["entries"]:
-        for scale in SCALES:
-            cells = [cell(results["tasks"][t]["stats"][scale][entry], t) for t in results["tasks"]]
+        for scale in scales_of(entry) if raw else SCALES:
+            cells = [cell(res["stats"][scale][entry]) for res in results["tasks"].values()]
             tail = [extra(entry, scale)] if extra else []
             lines.append(f"| {entry} | {scale} | " + " | ".join(cells + tail) + " |")
     return lines
@@ -496,88 +541,139 @@ def _header(results: dict, extra: Sequence[str] = ()) -> list[str]:
     return ["| metric | scale | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
 
 
-def _ladder_cell(ref: str) -> Callable[[dict, str], str]:
-    return lambda s, _t: f"{fmt(s['ladder'][ref]['pooled'])} ({fmt(s['ladder'][ref]['per_image_median'])})"
+def _ladder_cell(ref: str) -> Callable[[dict], str]:
+    return lambda s: f"{fmt(s['ladder'][ref]['pooled'])} ({fmt(s['ladder'][ref]['per_image_median'])})"
 
 
-def report_lines(results: dict) -> list[str]:
-    tasks, summary = results["tasks"], results["summary"]
-    need = needed_tasks(len(tasks))
+def _pl_cell(s: dict) -> str:
+    return (f"{fmt(s['pls']['psnr']['per_image_mean'])} / {fmt(s['pls']['ssim']['per_image_mean'])} / "
+            f"{_pct(s['pls']['best_agreement'])}")
+
+
+def _flip_cell(s: dict) -> str:
+    return f"{fmt(s['flip']['clean'], 3)} / {fmt(s['flip']['restored'], 3)} ({fmt(s['pls']['score_spread'], 3)})"
+
+
+def intro_section(results: dict) -> list[str]:
+    setup = results["setup"]
+    skipped = "; ".join(f"{k}: {v}" for k, v in setup["skipped"].items())
     lines = ["# Metric audit: can the NR metrics rank restorations of these images?", ""]
     if results["fast"]:
         lines += ["**FAST MODE: tiny model, a few steps and images; these numbers are NOT meaningful.**", ""]
-    setup = results["setup"]
-    lines += [
+    return lines + [
         f"Command: `{results['command']}` at commit {results['commit']}, {results['date']}.", "",
         f"{results['machine'][0].upper()}{results['machine'][1:]}. Wall time {results['elapsed_s']:.0f} s.", "",
         (f"Per task: the sets of `make_task_sets` ({setup['n_test']} held-out photos x {setup['crops']} crops = "
          f"{setup['test_images']} test images of {IMAGE_SIZE} px, unpaired (\"real\") domain), a stage-1 teacher "
          f"pretrained {setup['pretrain_steps']} steps on the paired set (`{setup['budget']}`). Metrics "
          f"{', '.join(results['entries'][:-1])}; ensemble weights {setup['weights']}."
-         + (f" Left out: {'; '.join(f'{k}: {v}' for k, v in setup['skipped'].items())}." if setup["skipped"] else "")),
-        "",
+         + (f" Left out: {skipped}." if skipped else "")), "",
         ("Scales: *registry* normalises with the registry's ranges, *calibrated* with the ranges a training run "
          "fits (percentiles of the raw scores of the teacher's multi-aug PLs of the unpaired inputs; "
-         "`calibrated_ranges`). For a single metric the two differ only where clipping to the range ties "
-         "scores (clean images and heavy degradations often lie outside the calibrated range); the "
-         "ensemble's ranking differs because the ranges set how much each metric weighs."), "",
+         "`calibrated_ranges`), *raw* is a single metric's own score, never clipped. A single metric ranks the "
+         "same on all three except where clipping to a range ties scores (the calibrated ranges are narrow, so "
+         "clean images and heavy degradations often lie outside them; BRISQUE goes below the registry's 0 on "
+         "sharp images); the ensemble's ranking also depends on the ranges, which set how much each metric "
+         "weighs."), ""]
+
+
+def ladder_section(results: dict) -> list[str]:
+    summary = results["summary"]
+    return [
         "## Ladder: Spearman vs PSNR, pooled over a task's images (median per image)", "",
         (f"Per test image: (1-a) x input + a x clean for a in {', '.join(f'{a:g}' for a in ALPHAS)}, and the "
          f"teacher's output; {len(LADDER_ITEMS)} items per image. Last column: tasks with pooled rho >= "
          f"{RANKER_RHO}."), "",
         *_header(results, [f"tasks >= {RANKER_RHO}"]),
-        *_rows(results, _ladder_cell("psnr"), lambda e, s: str(len(summary[e][s]["ladder_tasks"]))),
+        *_rows(results, _ladder_cell("psnr"), raw=True, extra=lambda e, s: str(len(summary[e][s]["ladder_tasks"]))),
         "", "## Ladder: Spearman vs SSIM, pooled (median per image)", "",
-        *_header(results), *_rows(results, _ladder_cell("ssim")),
-        "", "## Pseudo-labels of one image (hflip, vflip, rot90)", "",
-        ("Cells: mean per-image Spearman vs PSNR / vs SSIM over the 3 PLs (coarse: 3 items) / share of images "
-         "whose best-scored PL is the PSNR-best (chance 33 %). Context: the PLs' PSNR spread (max - min) per "
-         "image, mean: " + ", ".join(f"{t} {fmt(r['pl_psnr_spread_db'], 3)} dB" for t, r in tasks.items()) + "."),
-        "",
-        *_header(results),
-        *_rows(results, lambda s, _t: (f"{fmt(s['pls']['psnr']['per_image_mean'])} / "
-                                       f"{fmt(s['pls']['ssim']['per_image_mean'])} / "
-                                       f"{_pct(s['pls']['best_agreement'])}")),
-        "", "## Sensitivity to a horizontal flip (0-1 normalised scale)", "",
-        ("Cells: mean |score(x) - score(hflip x)| on clean / restored (teacher) images, and in brackets the "
-         "mean spread (max - min) of the scores of one image's three PLs, what a flip-sized error would have "
-         "to stay below to rank them."), "",
-        *_header(results),
-        *_rows(results, lambda s, _t: (f"{fmt(s['flip']['clean'], 3)} / {fmt(s['flip']['restored'], 3)} "
-                                       f"({fmt(s['pls']['score_spread'], 3)})")),
-        "", "## Sensitivity to image size (0-1 normalised scale)", "",
-        ("Mean of score(size) - score(128 px) over the test images and tasks: the same crops resampled from the "
-         "source photo (clean), and degraded at that size with the test input's own seed (degraded). n/a: the "
-         "metric cannot score that size; the ensemble then uses the other metrics (as block scores do)."), "",
-        "| metric | scale | " + " | ".join(f"clean {s}" for s in SIZES if s != IMAGE_SIZE) + " | "
-        + " | ".join(f"degraded {s}" for s in SIZES if s != IMAGE_SIZE) + " |",
-        "|---|---|" + "---:|" * (2 * (len(SIZES) - 1)),
-    ]
+        *_header(results), *_rows(results, _ladder_cell("ssim"), raw=True), ""]
+
+
+def ladder_means_section(results: dict) -> list[str]:
+    metrics = results["entries"][:-1]
+    lines = ["## Mean along the ladder", "",
+             (f"Means over a task's test images; {', '.join(metrics)}: raw scores (lower is better for "
+              "BRISQUE, NIQE and PIQE), ensemble: calibrated scale, 0-1."), "",
+             "| task | quantity | " + " | ".join(LADDER_ITEMS) + " |", "|---|---|" + "---:|" * len(LADDER_ITEMS)]
+    for task, res in results["tasks"].items():
+        for key in ("psnr", *metrics, ENSEMBLE):
+            digits = 3 if key == ENSEMBLE else 2
+            lines.append(f"| {task} | {key} | " + " | ".join(fmt(v, digits) for v in res["ladder_means"][key]) + " |")
+    return lines + [""]
+
+
+def pl_section(results: dict) -> list[str]:
+    context = "; ".join(f"{t} {fmt(r['pl_psnr_spread_db'], 3)} dB ("
+                        + ", ".join(f"{a} {fmt(v)}" for a, v in r["pl_psnr_by_aug"].items()) + ")"
+                        for t, r in results["tasks"].items())
+    return ["## Pseudo-labels of one image (hflip, vflip, rot90)", "",
+            ("Cells: mean per-image Spearman vs PSNR / vs SSIM over the 3 PLs (coarse: 3 items) / share of images "
+             "whose best-scored PL is the PSNR-best (chance 33 %). Context, the PLs' PSNR spread (max - min) per "
+             f"image, mean (and each PL's mean PSNR): {context}."), "",
+            *_header(results), *_rows(results, _pl_cell, raw=True), ""]
+
+
+def flip_section(results: dict) -> list[str]:
+    return ["## Sensitivity to a horizontal flip (0-1 normalised scale)", "",
+            ("Cells: mean |score(x) - score(hflip x)| on clean / restored (teacher) images, and in brackets the "
+             "mean spread (max - min) of the scores of one image's three PLs, what a flip-sized error would have "
+             "to stay well below to rank them."), "",
+            *_header(results), *_rows(results, _flip_cell), ""]
+
+
+def size_section(results: dict) -> list[str]:
+    others = [s for s in SIZES if s != IMAGE_SIZE]
+    lines = ["## Sensitivity to image size (0-1 normalised scale)", "",
+             (f"Mean of score(size) - score({IMAGE_SIZE} px) over the test images and tasks: the same crops "
+              "resampled from the source photo (clean), and degraded at that size with the test input's own seed "
+              "(degraded). n/a: the metric cannot score that size; the ensemble then uses the other metrics (as "
+              "block scores do)."), "",
+             "| metric | scale | " + " | ".join(f"{kind} {s}" for kind in ("clean", "degraded") for s in others) + " |",
+             "|---|---|" + "---:|" * (2 * len(others))]
+    tasks = results["tasks"].values()
     for entry in results["entries"]:
         for scale in SCALES:
-            cells = [fmt_change(_nanmean([r["stats"][scale][entry]["size"][kind][str(s)] for r in tasks.values()]))
-                     for kind in ("clean", "degraded") for s in SIZES if s != IMAGE_SIZE]
+            cells = [fmt_change(_nanmean([r["stats"][scale][entry]["size"][kind][str(s)] for r in tasks]))
+                     for kind in ("clean", "degraded") for s in others]
             lines.append(f"| {entry} | {scale} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def ranges_section(results: dict) -> list[str]:
     metrics, registry = results["entries"][:-1], results["registry_ranges"]
-    lines += ["", "## Calibrated ranges (raw units; the registry's in the header)", "",
-              "| task | " + " | ".join(f"{m} ({registry[m][0]:g}-{registry[m][1]:g})" for m in metrics) + " |",
-              "|---|" + "---:|" * len(metrics)]
-    for task, res in tasks.items():
+    lines = ["## Calibrated ranges (raw units; the registry's in the header)", "",
+             "| task | " + " | ".join(f"{m} ({registry[m][0]:g}-{registry[m][1]:g})" for m in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for task, res in results["tasks"].items():
         ranges = res["calibrated_ranges"]
         lines.append(f"| {task} | " + " | ".join(f"{ranges[m][0]:.2f}-{ranges[m][1]:.2f}" for m in metrics) + " |")
-    lines += ["", "## In words (calibrated scale, the one training uses)", "",
-              (f"A metric ranks a task's ladder when its pooled rho vs PSNR >= {RANKER_RHO}, and is a *ranker* when it "
-               f"does so on >= {need} of {len(tasks)} tasks; it ranks PLs when its mean per-image rho >= {PL_RHO} and "
-               f"its best PL is the PSNR-best on >= {PL_AGREE:.0%} of images."), ""]
+    return lines + [""]
+
+
+def words_section(results: dict) -> list[str]:
+    summary, n = results["summary"], len(results["tasks"])
+    lines = ["## In words (calibrated scale, the one training uses)", "",
+             (f"A metric ranks a task's ladder when its pooled rho vs PSNR >= {RANKER_RHO}, and is a *ranker* when "
+              f"it does so on >= {needed_tasks(n)} of {n} tasks; it ranks PLs when its mean per-image rho >= "
+              f"{PL_RHO} and its best PL is the PSNR-best on >= {PL_AGREE:.0%} of images."), ""]
     for entry in results["entries"]:
-        cal, reg = summary[entry]["calibrated"], summary[entry]["registry"]
-        lines.append(f"- **{entry}**: " + "; ".join(cal["verdict"]) + ".")
-        if entry == ENSEMBLE:
-            lines.append(f"  On the registry scale: {reg['verdict'][0]}; {reg['verdict'][1]}.")
-    lines += ["", (f"Rankers (calibrated scale): {', '.join(results['rankers']['calibrated']) or 'none'}; "
-                   f"registry scale: {', '.join(results['rankers']['registry']) or 'none'}."), "",
-              "Timings per task (s): " + "; ".join(f"{t} {_timings(r)}" for t, r in tasks.items()), ""]
-    return lines
+        lines.append(f"- **{entry}**: " + "; ".join(summary[entry]["calibrated"]["verdict"]) + ".")
+        other = "registry" if entry == ENSEMBLE else RAW
+        lines.append(f"  On the {other} {'scale' if other == 'registry' else 'scores'}: "
+                     + "; ".join(summary[entry][other]["verdict"][:2]) + ".")
+    rankers_ = results["rankers"]
+    return lines + ["", (f"Rankers (calibrated scale): {', '.join(rankers_['calibrated']) or 'none'}; "
+                         f"registry scale: {', '.join(rankers_['registry']) or 'none'}; raw scores: "
+                         f"{', '.join(rankers_[RAW]) or 'none'}."), "",
+                    "Timings per task (s): " + "; ".join(f"{t} {_timings(r)}" for t, r in results["tasks"].items()),
+                    ""]
+
+
+def report_lines(results: dict) -> list[str]:
+    return [*intro_section(results), *ladder_section(results), *ladder_means_section(results),
+            *pl_section(results), *flip_section(results), *size_section(results), *ranges_section(results),
+            *words_section(results)]
 
 
 def _timings(task_result: dict) -> str:
@@ -623,7 +719,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     for task in args.task_list:
         data = collect(task, args, ensemble, args.out / task)
         tasks[task] = {"stats": analyse(data, ensemble), "calibrated_ranges": data["calibrated_ranges"],
-                       "images": data["images"], "pl_psnr_spread_db": mean_spread(data["pls"]["psnr"]),
+                       "images": data["images"], "ladder_means": ladder_means(data, ensemble),
+                       "pl_psnr_spread_db": mean_spread(data["pls"]["psnr"]),
+                       "pl_psnr_by_aug": dict(zip(PL_AUGMENTATIONS, data["pls"]["psnr"].mean(axis=0).tolist())),
                        "timings_s": data["timings_s"]}
         print(f"[{task}] {data['images']} test images; seconds: {_timings(tasks[task])}", flush=True)
     summary = summarise(tasks, entries)
@@ -635,7 +733,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
                   "n_test": args.n_test, "crops": args.crops, "test_images": args.n_test * args.crops,
                   "weights": ensemble.weights, "skipped": skipped, "sizes": list(SIZES), "alphas": list(ALPHAS)},
         "entries": entries, "registry_ranges": ensemble.ranges, "tasks": tasks, "summary": summary,
-        "rankers": {scale: rankers(summary, scale) for scale in SCALES},
+        "rankers": {scale: rankers(summary, scale) for scale in (RAW, *SCALES)},
         "criterion": {"ladder_rho_vs_psnr": RANKER_RHO, "tasks_needed": needed_tasks(len(tasks)),
                       "tasks_run": len(tasks), "pl_rho": PL_RHO, "pl_agreement": PL_AGREE},
     }

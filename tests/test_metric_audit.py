@@ -109,9 +109,15 @@ def test_fast_audit_writes_its_report(capsys, weights_dir, tmp_path):
                 assert isinstance(value, float) and -1.0 <= value <= 1.0, (scale, entry, ref, value)
             assert set(stats["pls"]) >= {"psnr", "ssim", "best_agreement", "score_spread"}
             assert set(stats["flip"]) == {"clean", "restored"}
-            assert set(stats["size"]["clean"]) == {"48", "96", "256"}
+            assert set(stats["size"]["clean"]) == {"48", "64", "96", "256"}
         assert task["stats"][scale]["niqe"]["size"]["clean"]["48"] is None  # NIQE needs 96 px: n/a
         assert isinstance(task["stats"][scale]["brisque"]["size"]["clean"]["48"], float)
+    assert set(task["stats"]["raw"]) == {"brisque", "niqe", "piqe"}  # unclipped: single metrics only
+    for stats in task["stats"]["raw"].values():
+        assert -1.0 <= stats["ladder"]["psnr"]["pooled"] <= 1.0
+    means = task["ladder_means"]
+    assert all(len(v) == len(audit.LADDER_ITEMS) for v in means.values())
+    assert means["psnr"][len(audit.ALPHAS) - 1] == 100.0  # the clean image itself
     for entry in on_disk["entries"]:
         assert on_disk["summary"][entry]["calibrated"]["verdict"][0].startswith("ranks the ladder: ")
 
