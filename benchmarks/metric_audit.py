@@ -7,7 +7,8 @@ No student is trained. Per task (snow, rain, haze, lowlight, underwater) the set
 with ``make_task_sets`` and a stage-1 teacher is pretrained on the paired set (the budget of
 ``configs/quality_budget.yaml``); then, on the held-out test set, whose ground truth the
 metrics never see, every metric and the ensemble are read on two scales: the registry's
-ranges and the ranges calibrated as a training run fits them (`calibrated_ranges`):
+ranges and the ranges calibrated as a training run fits them (`calibrated_ranges`); the
+rankings of single metrics also on their raw, never clipped, scores:
 
 * the ladder: per test image the blends (1-a) * input + a * clean, a in 0, 0.25, 0.5,
   0.75, 1, and the teacher's output; Spearman of the score against PSNR and against SSIM,
@@ -16,7 +17,7 @@ ranges and the ranges calibrated as a training run fits them (`calibrated_ranges
   per-image Spearman against PSNR and SSIM over the three, and how often the metric's best
   PL is the PSNR-best one (chance: 1 in 3);
 * the score's sensitivity to a horizontal flip (clean and restored images) and to image
-  size (the same content at 48, 96, 128 and 256 px, clean and degraded), on the 0-1
+  size (the same content at 48, 64, 96, 128 and 256 px, clean and degraded), on the 0-1
   normalised scale.
 
 A metric "ranks the ladder" on a task when its pooled Spearman against PSNR is >= 0.8.
