@@ -128,6 +128,14 @@ def _random_crops(img: np.ndarray, size: int, count: int, rng: np.random.Generat
     return crops
 
 
+def source_crops(name: str, group: str, seed: int, size: int, count: int) -> list[np.ndarray]:
+    """The clean crops ``<name>_0 .. <name>_<count-1>`` that ``make_task_sets`` draws from one
+    source photo for ``group``, at ``size`` px. The crop boxes do not depend on ``size``, so
+    other sizes give the same content resampled from the photo (used by the metric audit)."""
+    crop_rng = np.random.default_rng(file_seed(seed, name, "crops", group))
+    return _random_crops(load_sample(name), size, count, crop_rng)
+
+
 def make_task_sets(
     task: str,
     out_dir: str | os.PathLike[str],
@@ -156,8 +164,7 @@ def make_task_sets(
     groups = split_names(n_test)
     for group, domain in (("paired", "paired"), ("unpaired", "unpaired"), ("test", "unpaired")):
         for name in groups[group]:
-            crop_rng = np.random.default_rng(file_seed(seed, name, "crops", group))
-            for k, clean in enumerate(_random_crops(load_sample(name), size, crops_per_image, crop_rng)):
+            for k, clean in enumerate(source_crops(name, group, seed, size, crops_per_image)):
                 fname = f"{name}_{k}.png"
                 rng = np.random.default_rng(file_seed(seed, fname, task, domain))
                 write_png(dirs[f"{group}/input"] / fname, degrade(clean, task, rng, domain))
