@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated level:reward cells (e.g. oracle:off,nr:nr), or 'all' (the six)")
     parser.add_argument("--seeds", type=int, default=3, help="student runs per cell (seeds 0..N-1)")
     parser.add_argument("--ladder", default="",
-                        help="condition ladder blends, e.g. 0,0.5 (not in the paper; default none)")
+                        help="labelling.ladder blends, e.g. 0,0.5 (not in the paper; default: the budget's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
     parser.add_argument("--budget", type=Path, default=Path("configs/quality_budget.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -69,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--cells takes level:reward pairs with level in {LEVELS} and reward in {REWARDS}")
     args.cell_list = pairs
     args.ladder_alphas = tuple(float(a) for a in args.ladder.split(",") if a.strip())
+    if args.ladder_alphas:  # the same switch as a user's: labelling.ladder
+        args.overrides.append(f"labelling.ladder=[{', '.join(map(str, args.ladder_alphas))}]")
     if args.fast:
         args.overrides = list(FAST_OVERRIDES) + args.overrides
         args.crops_per_image, args.seeds = 2, 1
@@ -163,7 +165,7 @@ def cell_config(task: Task, level: str, reward: str):
     return cfg.model_copy(update=update)
 
 
-def run_cell(task: Task, level: str, reward: str, seed: int, ladder: tuple[float, ...]) -> dict:
+def run_cell(task: Task, level: str, reward: str, seed: int) -> dict:
     cfg = cell_config(task, level, reward)
     oracle = OracleScorer(task.oracle_scale, cfg.iqa.block_grid, cfg.iqa.min_block_weight)
     judge = OracleJudge(oracle) if level == "oracle" else NRJudge(task.nr_ensemble, cfg)
@@ -172,11 +174,12 @@ def run_cell(task: Task, level: str, reward: str, seed: int, ladder: tuple[float
     paired = copy.copy(task.paired)
     if cfg.loss.supervised_condition == "target_score":
         paired.levels = _paired_levels(task, cfg, level)
-    loop = ReferenceLoop(cfg, model, paired, task.inputs, task.hidden_gt, judge, reward_fn, ladder)
+    loop = ReferenceLoop(cfg, model, paired, task.inputs, task.hidden_gt, judge, reward_fn)
     t0 = time.perf_counter()
     stats = loop.run(seed)
     result = evaluate(task, model, SWEEP)
-    result.update(seconds=round(time.perf_counter() - t0, 1), dropped=stats.dropped,
+    result.update(seconds=round(time.perf_counter() - t0, 1), loop_seconds={k: round(v, 1) for k, v in stats.seconds.items()},
+                  dropped=stats.dropped,
                   bank_labels=sum(len(v) for v in loop.bank.values()),
                   bank_levels=[round(e.score, 2) for v in loop.bank.values() for e in v])
     return result
@@ -293,12 +296,12 @@ def run_task(task_name: str, args: argparse.Namespace) -> dict:
         cell = f"{level}:{reward}"
         runs = []
         for seed in range(args.seeds):
-            runs.append(run_cell(task, level, reward, seed, args.ladder_alphas))
+            runs.append(run_cell(task, level, reward, seed))
             r = runs[-1]
             sweep = " ".join(f"{p['psnr']:.1f}" for p in r["sweep"])
             print(f"[{task_name}] {cell} seed {seed}: PSNR@7 {r['at7']['psnr']:.2f} (teacher "
                   f"{res['teacher']['psnr']:.2f}), rho(cond, PSNR) {r['spearman_psnr']:.2f}, sweep "
-                  f"{sweep}, {r['seconds']:.0f} s", flush=True)
+                  f"{sweep}, {r['seconds']:.0f} s ({r['loop_seconds']})", flush=True)
         res["runs"][cell] = runs
         res["cells"][cell] = summarise(runs)
     return res

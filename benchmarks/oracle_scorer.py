@@ -88,6 +88,7 @@ class OracleReward:
         self.mask: torch.Tensor | None = None
 
     def bind(self, gt: torch.Tensor, mask: torch.Tensor) -> None:
+        """The batch's ground truth crops [M, 3, c, c] and its `label_mask` [M, K]."""
         self.gt, self.mask = gt, mask
 
     def _targets(self, n: int) -> torch.Tensor:

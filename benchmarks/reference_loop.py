@@ -8,11 +8,8 @@ a seed, which is what an experiment that compares settings needs: the multi-aug 
 the student's batch (`assemble_bank_batch`) and step (`step_losses`), and the EMA teacher.
 Every `train.push_every` steps the teacher is the EMA and every image is labelled again.
 
-Condition ladder (`ladder`, not in the paper): per labelled image, blends
-a * best label + (1 - a) * input for a in the ladder, each scored by the run's scorer and
-trained at its own level alongside the bank's labels. Three labels of one image differ in
-quality by less than a level, so without it the condition sees almost no within-image
-variation to learn "higher is better" from (issue 15's probe).
+With `labelling.ladder` the best label of each kept set carries its condition ladder
+(`qualiteacher.method.ladder`), scored by the same judge, as the scorer actor does it.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from qualiteacher.method.bank_batch import BankLabel, assemble_bank_batch
 from qualiteacher.method.drop import dual_drop
 from qualiteacher.method.ema import EMA
 from qualiteacher.method.gating import Scored, gate
+from qualiteacher.method.ladder import ladder_rungs
 from qualiteacher.models.injection import injection_snapshot
 from qualiteacher.student_step import gradients_finite, step_losses
 
@@ -117,13 +115,12 @@ class ReferenceLoop:
     sets `paired.levels`."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, paired: PairedImages, inputs: torch.Tensor,
-                 hidden_gt: torch.Tensor | None, judge, reward=None, ladder: tuple[float, ...] = ()):
+                 hidden_gt: torch.Tensor | None, judge, reward=None):
         self.cfg, self.model, self.paired, self.inputs, self.gt = cfg, model, paired, inputs, hidden_gt
-        self.judge, self.reward, self.ladder = judge, reward, tuple(ladder)
+        self.judge, self.reward = judge, reward
         self.ids = [f"img{i:04d}" for i in range(inputs.shape[0])]
         self.bank: dict[str, list[Entry]] = {}
         self.seen: dict[str, set[str]] = {}
-        self.rungs: dict[str, list[BankLabel]] = {}
         self.stats = LoopStats()
 
     # ---------------------------------------------------------------- labelling
@@ -141,19 +138,21 @@ class ReferenceLoop:
             decision = dual_drop(judged.normalized, drop.tau_multi, drop.tau_aug, enabled=drop.enabled)
             for reason, count in decision.counts().items():
                 self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + count
+            ladders = self._ladders(x, labels, judged, gt)
             for i, image_id in enumerate(self.ids[rows]):
                 if decision.keep[i]:
-                    self._gate(image_id, version, augs, labels[i], judged, i)
-            if self.ladder:
-                self._label_rungs(x, labels, judged, gt, self.ids[rows])
+                    self._gate(image_id, version, augs, labels[i], judged, i, ladders[i])
         self.stats.versions += 1
         self.stats.labelled += len(self.ids)
         self.stats.seconds["label"] += time.perf_counter() - t0
 
-    def _gate(self, image_id: str, version: int, augs, labels: torch.Tensor, judged: Judged, i: int) -> None:
+    def _gate(self, image_id: str, version: int, augs, labels: torch.Tensor, judged: Judged, i: int,
+              ladder: tuple) -> None:
         images = to_uint8(labels)
+        best = int(judged.levels[i].argmax())
         candidates = [Entry(f"{image_id}.v{version}.{aug}", float(judged.levels[i, j]),
-                            BankLabel(images[j], judged.weights[i, j].numpy(), float(judged.levels[i, j])))
+                            BankLabel(images[j], judged.weights[i, j].numpy(), float(judged.levels[i, j]),
+                                      ladder if j == best else ()))
                       for j, aug in enumerate(augs)]
         seen = self.seen.setdefault(image_id, set())
         kept, _ = gate(self.bank.get(image_id, []), candidates, self.cfg.gating.top_k, seen)
@@ -161,15 +160,15 @@ class ReferenceLoop:
         self.stats.admitted += len({e.label_id for e in kept} - {e.label_id for e in self.bank.get(image_id, [])})
         self.bank[image_id] = kept
 
-    def _label_rungs(self, x, labels, judged: Judged, gt, ids) -> None:
-        """The condition ladder: blends of each image's best label of this round with its input."""
+    def _ladders(self, x, labels, judged: Judged, gt) -> list[tuple]:
+        """Per image, (blend, level) of the rungs of its best label of this round, as the
+        scorer makes them (`ladder_rungs`, scored by the same judge)."""
+        alphas = tuple(self.cfg.labelling.ladder)
+        if not alphas:
+            return [()] * x.shape[0]
         best = labels[torch.arange(labels.shape[0]), judged.levels.argmax(dim=1)]
-        rungs = torch.stack([a * best + (1 - a) * x for a in self.ladder], dim=1)
-        scored = self.judge(rungs, gt)
-        images = to_uint8(rungs)
-        for i, image_id in enumerate(ids):
-            self.rungs[image_id] = [BankLabel(images[i, r], np.zeros((0, 0), np.float32), float(scored.levels[i, r]))
-                                    for r in range(len(self.ladder))]
+        scored = self.judge(ladder_rungs(x, best, alphas), gt)
+        return [tuple(zip(alphas, scored.levels[i].tolist())) for i in range(x.shape[0])]
 
     # ---------------------------------------------------------------- training
     def bank_batch(self, rng: np.random.Generator):
@@ -181,7 +180,7 @@ class ReferenceLoop:
         for i in picks:
             x = to_uint8(self.inputs[i])
             stacked.append(np.concatenate([x, to_uint8(self.gt[i])], axis=-1) if self.gt is not None else x)
-        labels = [[e.label for e in self.bank[self.ids[i]]] + self.rungs.get(self.ids[i], []) for i in picks]
+        labels = [[e.label for e in self.bank[self.ids[i]]] for i in picks]
         batch = assemble_bank_batch(stacked, labels, self.cfg.data.crop_size, self.cfg.model.score_cap, rng)
         gt = batch.x[:, 3:] if self.gt is not None else None
         batch.x = batch.x[:, :3]
@@ -199,11 +198,16 @@ class ReferenceLoop:
         for step in range(cfg.train.steps):
             if step % cfg.train.push_every == 0:
                 self.label_all(ema.teacher, step // cfg.train.push_every)
+                if step % (10 * cfg.train.push_every) == 0:
+                    levels = [e.score for entries in self.bank.values() for e in entries]
+                    log.info("step %d/%d: bank %d labels, mean level %.2f, losses %s", step, cfg.train.steps,
+                             len(levels), float(np.mean(levels)) if levels else float("nan"),
+                             {k: round(v, 4) for k, v in self.stats.last_losses.items()})
             t0 = time.perf_counter()
             model.train()
             batch, gt = self.bank_batch(rng)
             if isinstance(self.reward, OracleReward) and batch is not None:
-                self.reward.bind(gt, batch.mask)
+                self.reward.bind(gt, batch.label_mask)
             losses = step_losses(cfg, model, self.paired, batch, self.reward, rng, gen, device, step, initial)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x62\x61nk_entry.proto\x12\x14qualiteacher.bank.v1\"7\n\tWeightMap\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\"g\n\x05Image\x12\r\n\x03png\x18\x01 \x01(\x0cH\x00\x12\x13\n\traw_uint8\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\rB\t\n\x07payload\"\x8c\x04\n\tBankEntry\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08label_id\x18\x02 \x01(\t\x12\x17\n\x0fteacher_version\x18\x03 \x01(\x04\x12\x14\n\x0c\x61ugmentation\x18\x04 \x01(\t\x12\x42\n\nraw_scores\x18\x05 \x03(\x0b\x32..qualiteacher.bank.v1.BankEntry.RawScoresEntry\x12P\n\x11normalized_scores\x18\x06 \x03(\x0b\x32\x35.qualiteacher.bank.v1.BankEntry.NormalizedScoresEntry\x12\x10\n\x08\x65nsemble\x18\x07 \x01(\x01\x12\r\n\x05level\x18\x08 \x01(\x01\x12\x30\n\x07weights\x18\t \x01(\x0b\x32\x1f.qualiteacher.bank.v1.WeightMap\x12*\n\x05image\x18\n \x01(\x0b\x32\x1b.qualiteacher.bank.v1.Image\x12\x15\n\rcreated_at_ms\x18\x0b \x01(\x04\x12\x15\n\rteacher_q_min\x18\x0c \x01(\x01\x1a\x30\n\x0eRawScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x37\n\x15NormalizedScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"u\n\nGateResult\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64mitted\x18\x02 \x03(\t\x12\x0f\n\x07\x65victed\x18\x03 \x03(\t\x12\x10\n\x08rejected\x18\x04 \x03(\t\x12\x12\n\nduplicates\x18\x05 \x03(\t\x12\x0c\n\x04kept\x18\x06 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x62\x61nk_entry.proto\x12\x14qualiteacher.bank.v1\"7\n\tWeightMap\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\"g\n\x05Image\x12\r\n\x03png\x18\x01 \x01(\x0cH\x00\x12\x13\n\traw_uint8\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\rB\t\n\x07payload\"\xba\x04\n\tBankEntry\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08label_id\x18\x02 \x01(\t\x12\x17\n\x0fteacher_version\x18\x03 \x01(\x04\x12\x14\n\x0c\x61ugmentation\x18\x04 \x01(\t\x12\x42\n\nraw_scores\x18\x05 \x03(\x0b\x32..qualiteacher.bank.v1.BankEntry.RawScoresEntry\x12P\n\x11normalized_scores\x18\x06 \x03(\x0b\x32\x35.qualiteacher.bank.v1.BankEntry.NormalizedScoresEntry\x12\x10\n\x08\x65nsemble\x18\x07 \x01(\x01\x12\r\n\x05level\x18\x08 \x01(\x01\x12\x30\n\x07weights\x18\t \x01(\x0b\x32\x1f.qualiteacher.bank.v1.WeightMap\x12*\n\x05image\x18\n \x01(\x0b\x32\x1b.qualiteacher.bank.v1.Image\x12\x15\n\rcreated_at_ms\x18\x0b \x01(\x04\x12\x15\n\rteacher_q_min\x18\x0c \x01(\x01\x12\x15\n\rladder_alphas\x18\r \x03(\x01\x12\x15\n\rladder_levels\x18\x0e \x03(\x01\x1a\x30\n\x0eRawScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x37\n\x15NormalizedScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"u\n\nGateResult\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64mitted\x18\x02 \x03(\t\x12\x0f\n\x07\x65victed\x18\x03 \x03(\t\x12\x10\n\x08rejected\x18\x04 \x03(\t\x12\x12\n\nduplicates\x18\x05 \x03(\t\x12\x0c\n\x04kept\x18\x06 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=99
   _globals['_IMAGE']._serialized_end=202
   _globals['_BANKENTRY']._serialized_start=205
-  _globals['_BANKENTRY']._serialized_end=729
-  _globals['_BANKENTRY_RAWSCORESENTRY']._serialized_start=624
-  _globals['_BANKENTRY_RAWSCORESENTRY']._serialized_end=672
-  _globals['_BANKENTRY_NORMALIZEDSCORESENTRY']._serialized_start=674
-  _globals['_BANKENTRY_NORMALIZEDSCORESENTRY']._serialized_end=729
-  _globals['_GATERESULT']._serialized_start=731
-  _globals['_GATERESULT']._serialized_end=848
+  _globals['_BANKENTRY']._serialized_end=775
+  _globals['_BANKENTRY_RAWSCORESENTRY']._serialized_start=670
+  _globals['_BANKENTRY_RAWSCORESENTRY']._serialized_end=718
+  _globals['_BANKENTRY_NORMALIZEDSCORESENTRY']._serialized_start=720
+  _globals['_BANKENTRY_NORMALIZEDSCORESENTRY']._serialized_end=775
+  _globals['_GATERESULT']._serialized_start=777
+  _globals['_GATERESULT']._serialized_end=894
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ class Image(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., raw_uint8: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class BankEntry(_message.Message):
-    __slots__ = ("image_id", "label_id", "teacher_version", "augmentation", "raw_scores", "normalized_scores", "ensemble", "level", "weights", "image", "created_at_ms", "teacher_q_min")
+    __slots__ = ("image_id", "label_id", "teacher_version", "augmentation", "raw_scores", "normalized_scores", "ensemble", "level", "weights", "image", "created_at_ms", "teacher_q_min", "ladder_alphas", "ladder_levels")
     class RawScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,8 @@ class BankEntry(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_Q_MIN_FIELD_NUMBER: _ClassVar[int]
+    LADDER_ALPHAS_FIELD_NUMBER: _ClassVar[int]
+    LADDER_LEVELS_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     label_id: str
     teacher_version: int
@@ -70,7 +72,9 @@ class BankEntry(_message.Message):
     image: Image
     created_at_ms: int
     teacher_q_min: float
-    def __init__(self, image_id: _Optional[str] = ..., label_id: _Optional[str] = ..., teacher_version: _Optional[int] = ..., augmentation: _Optional[str] = ..., raw_scores: _Optional[_Mapping[str, float]] = ..., normalized_scores: _Optional[_Mapping[str, float]] = ..., ensemble: _Optional[float] = ..., level: _Optional[float] = ..., weights: _Optional[_Union[WeightMap, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., created_at_ms: _Optional[int] = ..., teacher_q_min: _Optional[float] = ...) -> None: ...
+    ladder_alphas: _containers.RepeatedScalarFieldContainer[float]
+    ladder_levels: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, image_id: _Optional[str] = ..., label_id: _Optional[str] = ..., teacher_version: _Optional[int] = ..., augmentation: _Optional[str] = ..., raw_scores: _Optional[_Mapping[str, float]] = ..., normalized_scores: _Optional[_Mapping[str, float]] = ..., ensemble: _Optional[float] = ..., level: _Optional[float] = ..., weights: _Optional[_Union[WeightMap, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., created_at_ms: _Optional[int] = ..., teacher_q_min: _Optional[float] = ..., ladder_alphas: _Optional[_Iterable[float]] = ..., ladder_levels: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GateResult(_message.Message):
     __slots__ = ("image_id", "admitted", "evicted", "rejected", "duplicates", "kept")

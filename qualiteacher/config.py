@@ -293,6 +293,17 @@ class LabellingConfig(Strict):
     max_staleness: int = Field(2, ge=0)
     # Side of the (centre-cropped, resized) images that are labelled; None keeps sizes as they are.
     image_size: int | None = Field(128, ge=32, le=4096)
+    # Condition ladder (not in the paper; qualiteacher/method/ladder.py): blend weights a in
+    # [0, 1) of extra labels a * best PL + (1 - a) * input, scored and trained at their own
+    # levels, so the condition sees quality vary within an image. Empty: off.
+    ladder: list[float] = Field(default_factory=list, max_length=8)
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder_blends(cls, alphas: list[float]) -> list[float]:
+        if any(not 0.0 <= a < 1.0 for a in alphas) or len(set(alphas)) != len(alphas):
+            raise ValueError(f"blend weights must be distinct and in [0, 1) (1 is the label itself), got {alphas}")
+        return alphas
 
 
 class TrainConfig(Strict):
@@ -338,12 +349,13 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _baseline_mode(self) -> Config:
-        """The Colabator-style baseline: one teacher pass, no score condition, one bank entry
+        """The Colabator-style baseline: one teacher pass, no score condition (no ladder), one bank entry
         per image replaced only when better, no dual drop, no preference or consistency loss.
         Setting the mode is enough; these fields are forced so a baseline run can never mix
         in parts of the method by accident."""
         if self.train.mode == "baseline":
             self.labelling.augmentations = ["identity"]
+            self.labelling.ladder = []
             self.model.score_condition = False
             self.gating.top_k = 1
             self.drop.enabled = False

@@ -142,13 +142,14 @@ def step_losses(cfg, model, paired, batch: BankBatch | None, reward, rng, gen, d
 
 
 def poorest_label_quality(batch: BankBatch, reward) -> torch.Tensor:
-    """Per image, the reward of its poorest label on the batch's own crop: q_min of Eq. 8's
-    anchor (L2). Scored here, on the crop that Q(y_high) sees, because the metrics depend on
-    image size (BRISQUE moves by ~17 points between a 128 px label and its 96 px crop)."""
+    """Per image, the reward of its poorest label (ladder rungs left out) on the batch's own
+    crop: q_min of Eq. 8's anchor (L2). Scored here, on the crop that Q(y_high) sees,
+    because the metrics depend on image size (BRISQUE moves by ~17 points between a 128 px
+    label and its 96 px crop)."""
     with torch.no_grad():
-        q = reward(batch.pl[batch.mask])
+        q = reward(batch.pl[batch.label_mask])
     per_slot = torch.full(batch.mask.shape, float("inf"), device=q.device)
-    per_slot[batch.mask] = q
+    per_slot[batch.label_mask] = q
     return per_slot.amin(dim=1)
 
 

@@ -17,6 +17,8 @@ import torch
 from qualiteacher.config import Config
 from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.method.drop import dual_drop
+from qualiteacher.method.ladder import ladder_rungs
+from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank, build_entry
 from services.redis_server import redis_client
 
@@ -35,6 +37,11 @@ class ScoreReport:
                 "dropped": dict(self.dropped)}
 
 
+def best_index(best: list[int], rows: list[int]) -> torch.Tensor:
+    """The best label's index for each of `rows`."""
+    return torch.tensor([best[i] for i in rows])
+
+
 def label_id(image_id: str, version: int, augmentation: str) -> str:
     """Deterministic: the same teacher version and augmentation give the same PL, so a
     replayed or retried candidate is recognised by the gate and ignored."""
@@ -45,8 +52,9 @@ class ScorerWorker:
     def __init__(self, cfg: dict, redis_url: str):
         self.cfg = Config.model_validate(cfg)
         self.ensemble = IQAEnsemble.from_config(self.cfg)
-        self.bank = MemoryBank(redis_client(redis_url), prefix=self.cfg.redis.prefix,
-                               top_k=self.cfg.gating.top_k)
+        client = redis_client(redis_url)
+        self.bank = MemoryBank(client, prefix=self.cfg.redis.prefix, top_k=self.cfg.gating.top_k)
+        self.inputs = InputStore(client, self.cfg.redis.prefix)
 
     def ping(self) -> bool:
         return True
@@ -69,6 +77,8 @@ class ScorerWorker:
         kept_idx = [i for i in range(n) if keep[i]]
         q_min = self._teacher_q_min(scores.raw, n, k)
         blocks = self._block_weights(x, kept_idx, k)
+        best = scores.ensemble10.reshape(n, k).argmax(dim=1).tolist()
+        ladders = self._ladders(image_ids, x.reshape(n, k, *x.shape[1:]), kept_idx, best)
         for reason in reasons:
             if reason != "kept":
                 report.dropped[reason] = report.dropped.get(reason, 0) + 1
@@ -84,6 +94,7 @@ class ScorerWorker:
                     level_cap=self.cfg.model.score_cap,
                     weights=blocks[(i, j)],
                     teacher_q_min=q_min[i],
+                    ladder=ladders.get(i) if j == best[i] else None,
                 )
                 for j, aug in enumerate(self.cfg.labelling.augmentations)
             ]
@@ -91,6 +102,24 @@ class ScorerWorker:
             report.admitted += len(outcome.admitted)
             report.evicted += len(outcome.evicted)
         return report.to_dict()
+
+    def _ladders(self, image_ids: list[str], pls: torch.Tensor, kept_idx: list[int],
+                 best: list[int]) -> dict[int, dict[float, float]]:
+        """Per kept image, blend weight -> level of the rungs of its best label
+        (`qualiteacher.method.ladder`), all scored in one call; {} with no ladder. An image
+        whose input is not in Redis, or a rung the metrics cannot score, gets no rung."""
+        alphas = self.cfg.labelling.ladder
+        if not alphas or not kept_idx:
+            return {}
+        inputs = self.inputs.get_many(image_ids[i] for i in kept_idx)
+        rows = [i for i in kept_idx if image_ids[i] in inputs and inputs[image_ids[i]].shape[:2] == pls.shape[-2:]]
+        if not rows:
+            return {}
+        x = torch.stack([torch.from_numpy(inputs[image_ids[i]]).permute(2, 0, 1).float() / 255.0 for i in rows])
+        rungs = ladder_rungs(x, pls[rows, best_index(best, rows)], alphas)
+        levels = self.ensemble.score(rungs.flatten(0, 1)).ensemble10.reshape(len(rows), len(alphas))
+        return {i: {a: float(v) for a, v in zip(alphas, row.tolist()) if np.isfinite(v)}
+                for i, row in zip(rows, levels)}
 
     def _teacher_q_min(self, raw: dict, n: int, k: int) -> list[float]:
         """Per image, the reward-scale quality of its poorest PL (anchor of the L2 term)."""

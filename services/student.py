@@ -92,7 +92,8 @@ class BankBatches:
             log.warning("bank unreachable (%s); this step uses paired data only", type(exc).__name__)
             return None
         sets = [entries for entries in sets if entries[0].image_id in inputs]
-        labels = [[BankLabel(decode_image(e.image), decode_weights(e.weights), e.level) for e in entries]
+        labels = [[BankLabel(decode_image(e.image), decode_weights(e.weights), e.level,
+                             tuple(zip(e.ladder_alphas, e.ladder_levels))) for e in entries]
                   for entries in sets]
         batch = assemble_bank_batch([inputs[entries[0].image_id] for entries in sets], labels,
                                     self.crop, self.cap, self.rng)

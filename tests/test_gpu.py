@@ -139,6 +139,7 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
         weights=0.5 + torch.rand(3, 3, 1, crop, crop, generator=g),
         level=torch.tensor([[7.0, 5.5, 3.0], [6.0, 4.0, 2.5], [4.5, 7.0, 7.0]]),
         mask=torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
+        label_mask=torch.tensor([[True, True, True], [True, True, True], [True, False, False]]),
     )
 
     class Paired:

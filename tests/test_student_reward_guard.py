@@ -23,7 +23,7 @@ class _Paired:
 def _flat_batch(n: int) -> BankBatch:
     return BankBatch(x=torch.full((n, 3, 96, 96), 0.5), pl=torch.full((n, 2, 3, 96, 96), 0.5),
                      weights=torch.ones(n, 2, 1, 96, 96), level=torch.full((n, 2), 7.0),
-                     mask=torch.ones(n, 2, dtype=torch.bool))
+                     mask=torch.ones(n, 2, dtype=torch.bool), label_mask=torch.ones(n, 2, dtype=torch.bool))
 
 
 def test_flat_bank_batch_skips_reward_terms(weights_dir):

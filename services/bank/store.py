@@ -121,8 +121,10 @@ def build_entry(
     image_format: str = "png",
     created_at_ms: int | None = None,
     teacher_q_min: float = 0.0,
+    ladder: Mapping[float, float] | None = None,
 ) -> pb.BankEntry:
-    """Assemble a ``BankEntry``; ``level = min(ensemble, level_cap)``."""
+    """Assemble a ``BankEntry``; ``level = min(ensemble, level_cap)``; ``ladder``: blend weight
+    -> level of this label's rungs (`qualiteacher.method.ladder`), levels capped too."""
     validate_id(image_id)
     validate_id(label_id, "label id")
     if augmentation not in AUGMENTATIONS:
@@ -137,6 +139,9 @@ def build_entry(
         created_at_ms=int(time.time() * 1000) if created_at_ms is None else int(created_at_ms),
         teacher_q_min=float(teacher_q_min),
     )
+    for alpha, level in (ladder or {}).items():
+        entry.ladder_alphas.append(float(alpha))
+        entry.ladder_levels.append(min(float(level), float(level_cap)))
     entry.raw_scores.update({k: float(v) for k, v in (raw_scores or {}).items()})
     entry.normalized_scores.update({k: float(v) for k, v in (normalized_scores or {}).items()})
     if weights is not None:
