@@ -291,6 +291,14 @@ class LabellingConfig(Strict):
     in_flight_per_scorer: int = Field(2, ge=1, le=64)
     # A candidate made by a teacher more than this many versions behind the newest is discarded.
     max_staleness: int = Field(2, ge=0)
+    # False (default): an image is labelled again only once the teacher is newer than the
+    # version its last labels came from, and with nothing new the loop waits for the next
+    # weight push. The teacher is deterministic and label ids are `image.v{version}.{aug}`,
+    # so labelling an unchanged version again only offers the gate duplicates, each after a
+    # teacher forward over every augmentation and a full IQA scoring (on the quickstart
+    # demo, 87% of the candidates). True restores that loop (pass after pass over every
+    # image), for comparison: benchmarks/labelling_efficiency.py.
+    relabel_unchanged: bool = False
     # Side of the (centre-cropped, resized) images that are labelled; None keeps sizes as they are.
     image_size: int | None = Field(128, ge=32, le=4096)
     # Condition ladder (not in the paper; qualiteacher/method/ladder.py): blend weights a in

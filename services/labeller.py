@@ -1,12 +1,15 @@
 """The labelling loop: unpaired images -> teacher actors -> scorer actors -> bank gate.
 
 Runs as one named, threaded actor (`labeller` in the job's namespace):
-- `run()` streams batches round after round (each pass re-labels every image with the
-  newest teacher), keeping each teacher and scorer busy while bounding the work in flight
-  (back-pressure: no new teacher call while the scorers' queues are full);
+- `run()` streams batches pass after pass over the images, keeping each teacher and scorer
+  busy while bounding the work in flight (back-pressure: no new teacher call while the
+  scorers' queues are full). A batch is labelled again only once the teacher is newer than
+  the version its last scored labels came from: an unchanged version would make the same
+  label ids, which the gate ignores as duplicates after a teacher forward and a full IQA
+  scoring. With nothing new the loop waits for the next push;
 - `push_weights()` is the weight-sync hub: the student puts the EMA state once with
-  `ray.put` and hands the reference here; every teacher gets `(ref, version)`, and a
-  restarted teacher is re-seeded with the newest one before it labels again;
+  `ray.put` and hands the reference here; every teacher gets `(ref, version)`, a restarted
+  teacher is re-seeded with the newest one before it labels again, and the loop wakes;
 - `scale_scorers(n)` grows or shrinks the scorer pool while the job runs;
 - `stats()` and `stop()` for the driver and the CLI.
 
@@ -44,6 +47,8 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 class _Batch:
     ids: list[str]
     images: np.ndarray  # (N, H, W, 3) uint8
+    scored_version: int = -1  # teacher version of its newest labels that were scored (then gated or dropped)
+    in_flight: int = 0  # its label and scoring calls not finished yet (retries included)
 
 
 @dataclass
@@ -106,6 +111,7 @@ def _batches(ids: list[str], images: list[np.ndarray], size: int) -> list[_Batch
 
 class Labeller:
     MAX_ATTEMPTS = 6  # per scoring batch (with backoff, about a minute of Redis outage)
+    IDLE_WAIT_S = 1.0  # longest idle wait for a push: the loop still reconciles the scorer pool
 
     def __init__(self, cfg: dict, redis_url: str, ids: list[str], images: list[np.ndarray],
                  teacher_state: list, teacher_version: int, num_gpus_available: float = 0.0):
@@ -119,6 +125,7 @@ class Labeller:
         self.gpus = num_gpus_available
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # set by a push, a scale request and stop(): the idle loop looks again
         self.relabel: deque[_Batch] = deque()  # batches whose teacher failed
         self.stats_ = LabellerStats()
         # `teacher_state` is [ref]: wrapped in a list so Ray passes the reference, not the value.
@@ -189,6 +196,7 @@ class Labeller:
                 return self.version
             self.weights_ref, self.version = state[0], int(version)
             refs = [t.set_weights.remote(self.weights_ref, self.version) for t in self.teachers]
+        self.wake.set()  # every batch is due again
         try:
             self.bank.set_teacher_version(int(version))
         except (redis.ConnectionError, redis.TimeoutError):
@@ -204,6 +212,7 @@ class Labeller:
             raise ValueError("the scorer pool needs at least one scorer while labelling")
         with self.lock:
             self.desired_scorers = int(n)
+        self.wake.set()
         return self.desired_scorers
 
     def scorer_count(self) -> int:
@@ -218,34 +227,43 @@ class Labeller:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake.set()
 
     # ---- the loop ----
     def run(self, max_rounds: int | None = None) -> dict:
-        """Label until stop() (or max_rounds passes); returns the final stats."""
+        """Label until stop(); returns the final stats.
+
+        With `max_rounds` the call is bounded: it returns after that many passes over the
+        images, or as soon as nothing is due and nothing is in flight (it never waits for a
+        push, which a caller that bounds the run would have to send from another thread).
+        """
         labels: dict[ray.ObjectRef, _LabelCall] = {}
         scores: dict[ray.ObjectRef, _ScoreCall] = {}
         waiting: list[_ScoreCall] = []  # labelled, waiting for scorer capacity
-        work = self._work_items(max_rounds)
-        exhausted = False
+        work = self._due_batches(max_rounds)
         busy_teachers: Counter = Counter()
         while not self.stopping.is_set():
             with self.lock:
                 self._reconcile_scorers()
             waiting = self._dispatch_scores(waiting, scores)
             capacity = self._score_capacity() - len(waiting)
-            while (self.relabel or not exhausted) and capacity > 0 and len(labels) < 2 * len(self.teachers):
-                batch = self.relabel.popleft() if self.relabel else next(work, None)
+            idle = False
+            while capacity > 0 and len(labels) < 2 * len(self.teachers):
+                batch = self._next_batch(work)
                 if batch is None:
-                    exhausted = True
+                    idle = True
                     break
                 teacher = min(range(len(self.teachers)), key=lambda i: busy_teachers[i])
                 pls, finite, version = self.teachers[teacher].label.options(num_returns=3).remote(batch.images)
                 labels[version] = _LabelCall(teacher, batch, pls, finite)
                 busy_teachers[teacher] += 1
                 capacity -= 1
-            if exhausted and not labels and not scores and not waiting and not self.relabel:
-                break
             pending = list(labels) + list(scores)
+            if idle and not pending and not waiting:
+                if max_rounds is not None:
+                    break
+                self._wait_for_push()
+                continue
             if not pending:
                 time.sleep(0.05)
                 continue
@@ -262,13 +280,46 @@ class Labeller:
                         waiting.append(retry)
         return self.stats()
 
-    def _work_items(self, max_rounds: int | None):
-        for round_index in itertools.count():
-            if max_rounds is not None and round_index >= max_rounds:
-                return
+    def _next_batch(self, work) -> _Batch | None:
+        """A batch whose teacher failed (still counted in flight), else the next one due,
+        now counted in flight; None when nothing is due."""
+        if self.relabel:
+            return self.relabel.popleft()
+        batch = next(work)
+        if batch is not None:
+            batch.in_flight += 1
+        return batch
+
+    def _due_batches(self, max_rounds: int | None):
+        """The batches to label, pass after pass over the images in a fixed order; None while
+        none is due (and for good once `max_rounds` passes are done). A pass starts only when
+        some batch is due, so an idle loop counts no empty passes."""
+        passes = itertools.count() if max_rounds is None else range(max_rounds)
+        for round_index in passes:
+            while not any(self._due(b) for b in self.batches):
+                yield None
             with self.lock:
                 self.stats_.rounds = round_index + 1
-            yield from self.batches
+            yield from (b for b in self.batches if self._due(b))  # checked when reached
+        while True:
+            yield None
+
+    def _due(self, batch: _Batch) -> bool:
+        """Labelling `batch` now can offer the gate new label ids: the teacher is newer than
+        its last scored labels, and none of its calls is still in flight (their labels may
+        yet be scored). `relabel_unchanged` restores the old loop: every batch, always."""
+        if self.lab.relabel_unchanged:
+            return True
+        with self.lock:
+            newest = self.version
+        return batch.in_flight == 0 and batch.scored_version < newest
+
+    def _wait_for_push(self) -> None:
+        """Nothing is due: sleep until a push (or stop(), or a scale request) wakes the loop.
+        Waiting, then clearing, loses no push: one that came since the last wait has set the
+        event, so the wait returns at once and the loop looks again."""
+        if self.wake.wait(self.IDLE_WAIT_S):
+            self.wake.clear()
 
     def _score_capacity(self) -> int:
         active = [s for s in self.scorers if not s.retiring]
@@ -312,6 +363,7 @@ class Labeller:
             with self.lock:
                 self.stats_.stale += len(call.batch.ids)
             self._bookkeeping("stale drop count", self.bank.record_drop, "stale", len(call.batch.ids))
+            call.batch.in_flight -= 1  # not scored: due again, with the newest teacher
             return []
         return [_ScoreCall(None, call.batch, call.pls, call.finite, version)]  # type: ignore[arg-type]
 
@@ -331,6 +383,7 @@ class Labeller:
             log.error("giving up on a batch of %s after %d attempts", call.batch.ids, call.attempts - 1)
             with self.lock:
                 self.stats_.failed += len(call.batch.ids)
+            call.batch.in_flight -= 1  # not scored: due again on the next pass
             return None
         return call
 
@@ -355,4 +408,6 @@ class Labeller:
             self.stats_.admitted += report["admitted"]
             self.stats_.evicted += report["evicted"]
             self.stats_.dropped.update(report["dropped"])
+        call.batch.in_flight -= 1
+        call.batch.scored_version = max(call.batch.scored_version, call.version)
         return None

@@ -74,3 +74,11 @@ def test_scorer_scaling_fast(capsys, ray_cluster, redis_url, weights_dir):
 
     scorer_scaling.main(["--fast"], redis_url=redis_url)
     _last_result(capsys, "scorer_scaling", "x")
+
+
+def test_labelling_efficiency_fast(capsys, ray_cluster, redis_url, weights_dir):
+    from benchmarks import labelling_efficiency
+
+    labelling_efficiency.main(["--fast"], redis_url=redis_url)
+    r = _last_result(capsys, "duplicate_share", "%")
+    assert 0 <= r.value <= 100

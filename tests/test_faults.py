@@ -16,7 +16,7 @@ from services.names import scorer_name, teacher_name
 from services.redis_server import redis_client
 
 
-def _start(namespace: str, prefix: str, redis_url: str, scorers: int, n_images: int = 8):
+def _start(namespace: str, prefix: str, redis_url: str, scorers: int, n_images: int = 16):
     cfg = load_config("configs/smoke.yaml", [f"ray.namespace={namespace}", f"redis.prefix={prefix}",
                                               "drop.enabled=false", "labelling.teachers=1",
                                               f"labelling.scorers={scorers}", "labelling.batch_size=2"])
@@ -45,9 +45,11 @@ def test_scorer_killed_mid_run(ray_cluster, weights_dir, redis_url):
     ray.kill(ray.get_actor(scorer_name(0), namespace="fault-scorer"), no_restart=True)
     stats = ray.get(done, timeout=180)
     assert stats["scorers"] == 2  # the pool was restored to its size
-    assert stats["labelled"] == 32 and stats["scored"] == 32 and stats["failed"] == 0
+    # One teacher version: every image labelled once, and scored once (its batch retried on
+    # another scorer when its own died); nothing failed.
+    assert stats["labelled"] == 16 and stats["scored"] == 16 and stats["failed"] == 0
     bank = MemoryBank(redis_client(redis_url), "fscorer", 3)
-    assert bank.num_images() == 8 and bank.check_invariants() == []
+    assert bank.num_images() == 16 and bank.check_invariants() == []
     ray.kill(labeller)
 
 
@@ -62,10 +64,10 @@ def test_teacher_killed_comes_back_with_latest_weights(ray_cluster, weights_dir,
     stats = ray.get(done, timeout=180)
     assert stats["retries"] >= 1
     assert ray.get(labeller.teacher_versions.remote()) == [5]
-    assert stats["labelled"] == 32 and stats["scored"] == 32
+    assert stats["labelled"] == 16 and stats["scored"] == 16  # the failed batch labelled again
     bank = MemoryBank(redis_client(redis_url), "fteacher", 3)
     # Every label that reached the bank came from the newest weights, none from an empty teacher.
-    assert {e.teacher_version for i in range(8) for e in bank.entries(f"f{i}")} == {5}
+    assert {e.teacher_version for i in range(16) for e in bank.entries(f"f{i}")} == {5}
     assert bank.check_invariants() == []
     ray.kill(labeller)
 

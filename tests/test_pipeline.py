@@ -60,6 +60,15 @@ def test_smoke_bank_is_ordered_and_consistent(smoke_run):
         assert bank.num_images() == summary["bank_images"]
 
 
+def test_smoke_run_offers_few_duplicates(smoke_run):
+    """Each image is labelled once per teacher version, so hardly any candidate the gate sees
+    is one it has seen before (only a retried batch may be)."""
+    _, summary = smoke_run
+    counters = summary["bank_stats"]["counters"]
+    assert counters["candidates"] > 0
+    assert counters["duplicates"] <= 0.05 * counters["candidates"], counters
+
+
 def test_resume_continues_steps_and_versions(smoke_run):
     from pipelines.train import run
 
@@ -123,13 +132,71 @@ def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_u
     ray.get(labeller.scale_scorers.remote(2))
     stats = ray.get(done)
     assert stats["scorers"] == 2
-    # Every labelled image was scored exactly once: none lost, none duplicated.
-    assert stats["labelled"] == 24 and stats["scored"] == 24 and stats["stale"] == 0
+    # Every image was labelled and scored exactly once: none lost, none duplicated. One
+    # teacher version: the first pass leaves nothing due, so the run ends before 3 passes.
+    assert stats["labelled"] == 8 and stats["scored"] == 8 and stats["stale"] == 0 and stats["rounds"] == 1
     bank = MemoryBank(redis_client(redis_url), "scale", 3)
     assert bank.num_images() == 8 and bank.check_invariants() == []
-    # Same teacher version each round: later rounds' label ids are replays, ignored by the gate.
     assert all(len(bank.labels(f"s{i}")) == 3 for i in range(8))
     ray.get(labeller.scale_scorers.remote(1))
+    ray.kill(labeller)
+
+
+def _wait_until(predicate, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.1)
+
+
+def test_labeller_relabels_only_after_a_push(ray_cluster, weights_dir, redis_url):
+    """Run as the job runs it (until stop()): an unchanged teacher version is not labelled
+    again, the loop waits instead; a push relabels every image once; stop() ends it at once."""
+    import time
+
+    from qualiteacher.models.build import build_model
+    from services.labeller import Labeller
+    from services.scorer import label_id
+
+    cfg = _cfg("relabel-test", "redis.prefix=relabel", "drop.enabled=false", "labelling.teachers=1",
+               "labelling.batch_size=2")
+    ids = [f"r{i}" for i in range(6)]
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for _ in ids]
+    weights = [ray.put(build_model(cfg.model).state_dict())]
+    labeller = ray.remote(Labeller).options(num_cpus=0, max_concurrency=8, namespace="relabel-test",
+                                           name="labeller").remote(
+        cfg.model_dump(mode="json"), redis_url, ids, images, weights, 0, 0.0)
+
+    def stats():
+        return ray.get(labeller.stats.remote())
+
+    done = labeller.run.remote()
+    _wait_until(lambda: stats()["scored"] == 6)
+    time.sleep(3 * Labeller.IDLE_WAIT_S)  # the old loop labelled every image again meanwhile
+    idle = stats()
+    assert idle["labelled"] == 6 and idle["rounds"] == 1 and not ray.wait([done], timeout=0)[0]
+
+    assert ray.get(labeller.push_weights.remote(weights, 1)) == 1
+    _wait_until(lambda: stats()["scored"] == 12)
+    time.sleep(Labeller.IDLE_WAIT_S)
+    assert stats()["labelled"] == 12 and stats()["rounds"] == 2
+    bank = MemoryBank(redis_client(redis_url), "relabel", 3)
+    augs = cfg.labelling.augmentations
+    for image_id in ids:  # both versions' labels reached the gate, each once
+        seen = {m.decode() for m in bank.client.smembers(bank.keys.seen(image_id))}
+        assert seen == {label_id(image_id, v, aug) for v in (0, 1) for aug in augs}
+    counters = bank.stats()["counters"]
+    assert counters["candidates"] == 2 * 6 * len(augs) and counters["duplicates"] == 0
+    assert bank.check_invariants() == []
+
+    started = time.monotonic()
+    ray.get(labeller.stop.remote())
+    assert ray.get(done, timeout=30)["labelled"] == 12
+    assert time.monotonic() - started < 2 * Labeller.IDLE_WAIT_S  # woken, not left to time out
     ray.kill(labeller)
 
 
