@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from qualiteacher.config import load_config
-from services.bank.store import MemoryBank
+from services.bank.store import MemoryBank, decode_image
 from services.redis_server import redis_client
 
 
@@ -112,6 +112,38 @@ def test_concurrent_scorers_match_serial_gating(ray_cluster, weights_dir, redis_
     assert a.check_invariants() == [] and b.check_invariants() == []
     for actor in actors:
         ray.kill(actor)
+
+
+def test_scorer_stores_the_condition_ladder_of_each_sets_best_label(weights_dir, redis_url):
+    """With `labelling.ladder`, the best label of each kept set carries its rungs' levels:
+    the ensemble score of a * label + (1 - a) * input, the input read from Redis; a=0 is the
+    input itself. The other labels carry none."""
+    import torch
+
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from services.bank.inputs import InputStore
+    from services.scorer import ScorerWorker
+
+    cfg = _cfg("ladder-test", "drop.enabled=false", "redis.prefix=ladder", "labelling.ladder=[0.0, 0.5]")
+    rng = np.random.default_rng(5)
+    ids = ["lad0", "lad1"]
+    inputs = rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8)
+    smooth = np.linspace(0, 255, 96)[None, :, None] * np.ones((96, 1, 3))
+    pls = np.stack([np.stack([(w * img + (1 - w) * smooth).astype(np.uint8) for w in (0.2, 0.5, 0.8)])
+                    for img in inputs])
+    client = redis_client(redis_url)
+    InputStore(client, "ladder").put_many(dict(zip(ids, inputs)))
+    ScorerWorker(cfg.model_dump(mode="json"), redis_url).process(ids, pls, np.ones(2, bool), 0)
+    ensemble = IQAEnsemble.from_config(cfg)
+    bank = MemoryBank(client, "ladder", 3)
+    for i, image_id in enumerate(ids):
+        entries = bank.entries(image_id)
+        assert [list(e.ladder_alphas) for e in entries] == [[0.0, 0.5], [], []]  # best first
+        best = entries[0]
+        x = torch.from_numpy(inputs[i]).permute(2, 0, 1)[None].float() / 255
+        label = torch.from_numpy(decode_image(best.image)).permute(2, 0, 1)[None].float() / 255
+        expected = ensemble.score(torch.cat([x, 0.5 * label + 0.5 * x])).ensemble10.clamp(max=7.0)
+        assert list(best.ladder_levels) == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_url):
