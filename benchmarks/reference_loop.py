@@ -176,14 +176,12 @@ class ReferenceLoop:
         if not ready:
             return None, None
         picks = rng.choice(ready, size=min(self.cfg.train.bank_batch_size, len(ready)), replace=False)
-        stacked = []  # input and hidden ground truth stacked on channels: one crop box for both
-        for i in picks:
-            x = to_uint8(self.inputs[i])
-            stacked.append(np.concatenate([x, to_uint8(self.gt[i])], axis=-1) if self.gt is not None else x)
         labels = [[e.label for e in self.bank[self.ids[i]]] for i in picks]
-        batch = assemble_bank_batch(stacked, labels, self.cfg.data.crop_size, self.cfg.model.score_cap, rng)
-        gt = batch.x[:, 3:] if self.gt is not None else None
-        batch.x = batch.x[:, :3]
+        images = [to_uint8(self.inputs[i]) for i in picks]
+        batch = assemble_bank_batch(images, labels, self.cfg.data.crop_size, self.cfg.model.score_cap, rng)
+        if self.gt is None:
+            return batch, None
+        gt = torch.stack([self.gt[i][:, top:top + c, left:left + c] for i, (top, left, c) in zip(picks, batch.boxes)])
         return batch, gt
 
     def run(self, seed: int) -> LoopStats:

@@ -38,6 +38,20 @@ def test_input_and_labels_share_one_crop_box_and_slots_pad():
     full = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=(SIZE, SIZE), mode="bilinear",
                                            align_corners=False)[0]
     torch.testing.assert_close(batch.weights[0, 0], full[:, top:top + CROP, left:left + CROP])
+    assert batch.boxes[0] == (top, left, CROP)  # the box is reported, for callers with aligned data
+
+
+def test_ladder_rungs_are_blends_of_the_best_laddered_label_on_the_same_crop():
+    image = _coordinates(0)
+    label = _coordinates(200)
+    labels = [[BankLabel(label, np.zeros((0, 0), np.float32), 6.0, ((0.0, 1.5), (0.5, 3.5))),
+               BankLabel(_coordinates(100), np.zeros((0, 0), np.float32), 5.0)]]
+    batch = assemble_bank_batch([image], labels, CROP, cap=7.0, rng=np.random.default_rng(1))
+    assert batch.level.tolist() == [[6.0, 5.0, 1.5, 3.5]]
+    assert batch.mask.tolist() == [[True] * 4] and batch.label_mask.tolist() == [[True, True, False, False]]
+    torch.testing.assert_close(batch.pl[0, 2], batch.x[0])  # a = 0: the input itself
+    torch.testing.assert_close(batch.pl[0, 3], 0.5 * batch.pl[0, 0] + 0.5 * batch.x[0])
+    assert torch.equal(batch.weights[0, 2:], torch.ones(2, 1, CROP, CROP))
 
 
 def test_nothing_to_assemble():

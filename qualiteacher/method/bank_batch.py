@@ -8,7 +8,7 @@ crop, the weight upsampling, the padding and the level cap have one home.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -42,9 +42,11 @@ class BankBatch:
     level: torch.Tensor
     mask: torch.Tensor
     label_mask: torch.Tensor  # [M, K]: the bank's own labels (mask without the rungs)
+    boxes: list[tuple[int, int, int]] = field(default_factory=list)  # per image (top, left, side) of its crop
 
     def to(self, device: torch.device | str) -> BankBatch:
-        return BankBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return BankBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
     @property
     def labels_per_image(self) -> int:
@@ -88,6 +90,7 @@ def image_rows(image: np.ndarray, labels: list[BankLabel], k: int, crop: int, ca
         levels += rung_levels
     pad = k - len(pls)
     return {
+        "box": (top, left, c),
         "x": x,
         "pl": torch.stack(pls + [pls[0]] * pad),
         "weights": torch.stack(maps + [maps[0]] * pad),
@@ -109,4 +112,5 @@ def assemble_bank_batch(images: list[np.ndarray], labels: list[list[BankLabel]],
         return None
     k = max(slot_count(image_labels) for _, image_labels in pairs)
     rows = [image_rows(image, image_labels, k, crop, cap, rng) for image, image_labels in pairs]
-    return BankBatch(**{key: torch.stack([row[key] for row in rows]) for key in rows[0]})
+    boxes = [row.pop("box") for row in rows]
+    return BankBatch(**{key: torch.stack([row[key] for row in rows]) for key in rows[0]}, boxes=boxes)
