@@ -15,7 +15,7 @@ from qualiteacher.iqa.ensemble import IQAEnsemble, normalize_score
 from qualiteacher.iqa.registry import METRICS, get_spec
 from qualiteacher.iqa.weights import MissingWeightsError, status
 
-# pyiqa's calibration rows (ResultsCalibra/calibration_summary.csv), see DESIGN.md section 2.
+# pyiqa's calibration rows (ResultsCalibra/calibration_summary.csv in pyiqa's repository).
 CALIBRATION = {
     "brisque": {"I03": 94.6443, "I04": -0.1068, "I06": 1.0732, "I08": 5.1447, "I19": 66.8415},
     "niqe": {"I03": 15.6538, "I04": 3.6549, "I06": 3.2342, "I08": 3.1922, "I19": 9.0722},

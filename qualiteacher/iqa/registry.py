@@ -1,7 +1,7 @@
 """The metric table: one row per supported NR-IQA metric (pyiqa-style registration).
 
 Each row says how pyiqa builds the metric, which direction is better, the range used for
-min-max normalisation (DESIGN.md section 1), whether gradients flow through it, and which
+min-max normalisation (docs/ARCHITECTURE.md section 4), whether gradients flow through it, and which
 parameter files it needs inside the weights folder.
 """
 
