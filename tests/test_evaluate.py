@@ -77,7 +77,9 @@ def test_preflight_rejects_crops_smaller_than_the_reward_needs():
     from pipelines.train import preflight
     from qualiteacher.config import ConfigError
 
-    overrides = ["iqa.reward_metrics={niqe: 1}", "data.crop_size=64"]
-    with pytest.raises(ConfigError, match=r"data\.crop_size=64 .*needs 96 px"):
+    with pytest.raises(ConfigError, match=r"loss\.consistency: .*at least 96 px"):  # Eq. 9: the config's own rule
+        load_config("configs/smoke.yaml", ["iqa.reward_metrics={niqe: 1}", "data.crop_size=64"])
+    overrides = ["iqa.reward_metrics={niqe: 1}", "data.crop_size=64", "loss.consistency.enabled=false"]
+    with pytest.raises(ConfigError, match=r"data\.crop_size=64 .*needs 96 px"):  # Eq. 8
         preflight(load_config("configs/smoke.yaml", overrides))
     preflight(load_config("configs/smoke.yaml", overrides + ["train.mode=baseline"]))  # no reward there
