@@ -36,8 +36,9 @@ def test_evaluate_reports_psnr_ssim_and_bad_files(weights_dir, tmp_path):
 
 
 def test_baseline_mode_forces_colabator_settings():
-    cfg = load_config("configs/quickstart.yaml", ["train.mode=baseline"])
-    assert cfg.labelling.augmentations == ["identity"]
+    cfg = load_config("configs/quickstart.yaml", ["train.mode=baseline", "loss.preference.enabled=true",
+                                                  "loss.consistency.enabled=true"])
+    assert cfg.labelling.augmentations == ["identity"] and cfg.labelling.ladder == []
     assert cfg.gating.top_k == 1 and not cfg.model.score_condition and not cfg.drop.enabled
     assert not cfg.loss.preference.enabled and not cfg.loss.consistency.enabled
     full = load_config("configs/quickstart.yaml")
