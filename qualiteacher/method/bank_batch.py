@@ -62,7 +62,8 @@ def upsample_block_weights(grid: np.ndarray, size: tuple[int, int]) -> torch.Ten
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    """H x W x C uint8 -> C x H x W float in [0, 1]; a copy (decoded records are read-only)."""
+    return torch.tensor(image).permute(2, 0, 1).float() / 255.0
 
 
 def slot_count(labels: list[BankLabel]) -> int:
