@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import emit_result, machine_line, print_table
-from benchmarks.oracle_scorer import OracleReward, OracleScorer, level_of
+from benchmarks.oracle_scorer import OracleReward, OracleScorer
 from benchmarks.quality import TASKS, fmt, spearman, stage1_models, with_threads
 from benchmarks.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
 
