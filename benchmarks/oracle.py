@@ -103,13 +103,13 @@ class Task:
         self.test_x = torch.stack([from_uint8(_read(p)) for p in sorted(self.sets["test/input"].iterdir())])
         self.test_gt = np.stack([_read(p) for p in sorted(self.sets["test/target"].iterdir())])
         self.registry_ensemble = IQAEnsemble.from_config(cfg)  # NR for reports: fixed (registry) ranges
-        teacher = self._stage1_model(cfg, conditioned=True)
+        teacher = self.stage1_model(cfg, conditioned=True)
         self.cfg = self._calibrated(cfg, teacher)
         self.nr_ensemble = IQAEnsemble.from_config(self.cfg)
         self.oracle_scale = fit_oracle_scale(teacher, self.inputs, self.hidden_gt, tuple(cfg.labelling.augmentations))
         self.oracle_taus = self._oracle_thresholds(teacher)
 
-    def _stage1_model(self, cfg, conditioned: bool):
+    def stage1_model(self, cfg, conditioned: bool):
         from qualiteacher.checkpoint import load_restorer
 
         model, _ = load_restorer(self.stage1["qualiteacher" if conditioned else "baseline"],
@@ -127,10 +127,7 @@ class Task:
         fitted = calibrate(ensemble, teacher, self.inputs.split(8), tuple(cfg.labelling.augmentations),
                            cfg.iqa.calibration_percentiles, cfg.drop.calibrate_keep, clean=clean.split(8),
                            fit_scale=cfg.iqa.calibrate)
-        update = {"iqa": cfg.iqa.model_copy(update={"ranges": fitted.ranges | cfg.iqa.ranges})}
-        if fitted.tau_multi is not None:
-            update["drop"] = cfg.drop.model_copy(update={"tau_multi": fitted.tau_multi, "tau_aug": fitted.tau_aug})
-        return cfg.model_copy(update=update)
+        return fitted.applied_to(cfg)
 
     def _oracle_thresholds(self, teacher) -> tuple[float, float]:
         from qualiteacher.method.augment import multi_aug_pseudo_labels
@@ -170,7 +167,7 @@ def run_cell(task: Task, level: str, reward: str, seed: int) -> dict:
     oracle = OracleScorer(task.oracle_scale, cfg.iqa.block_grid, cfg.iqa.min_block_weight)
     judge = OracleJudge(oracle) if level == "oracle" else NRJudge(task.nr_ensemble, cfg)
     reward_fn = {"off": None, "nr": task.nr_ensemble.reward, "oracle": OracleReward(task.oracle_scale)}[reward]
-    model = task._stage1_model(cfg, conditioned=True)
+    model = task.stage1_model(cfg, conditioned=True)
     paired = copy.copy(task.paired)
     if cfg.loss.supervised_condition == "target_score":
         paired.levels = _paired_levels(task, cfg, level)
@@ -200,7 +197,7 @@ def run_baseline(task: Task, seed: int) -> dict:
 
     cfg = Config.model_validate(task.cfg.model_dump() | {"train": task.cfg.train.model_dump() | {"mode": "baseline"}})
     cfg = cfg.model_copy(update={"iqa": task.cfg.iqa})
-    model = task._stage1_model(cfg, conditioned=False)
+    model = task.stage1_model(cfg, conditioned=False)
     loop = ReferenceLoop(cfg, model, copy.copy(task.paired), task.inputs, task.hidden_gt,
                          NRJudge(task.nr_ensemble, cfg))
     loop.run(seed)
@@ -232,7 +229,7 @@ def evaluate(task: Task, model, scores: Sequence[float]) -> dict:
 
 
 def teacher_result(task: Task) -> dict:
-    model = task._stage1_model(task.cfg, conditioned=False)
+    model = task.stage1_model(task.cfg, conditioned=False)
     return evaluate(task, model, (task.cfg.model.score_cap,))["at7"]
 
 

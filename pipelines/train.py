@@ -123,16 +123,13 @@ def calibrate_run(cfg: Config, run_dir: Path, data: dict[str, Path], teacher_sta
     else:
         fitted = _fit_calibration(cfg, data, teacher_state)
         fitted.save(path)
-    update = {}
+    calibrated = fitted.applied_to(cfg)
     if cfg.iqa.calibrate:
-        ranges = {name: fitted.ranges[name] for name in cfg.iqa.metrics if name in fitted.ranges} | cfg.iqa.ranges
         log.info("IQA ranges fitted on %d images (%s): %s", fitted.images, path,
-                 ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in ranges.items()))
-        update["iqa"] = cfg.iqa.model_copy(update={"ranges": ranges})
-    if cfg.drop.calibrate_keep is not None and fitted.tau_multi is not None:
+                 ", ".join(f"{k} [{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in calibrated.iqa.ranges.items()))
+    if calibrated.drop != cfg.drop:
         log.info("drop thresholds fitted: tau_multi %.4g, tau_aug %.4g", fitted.tau_multi, fitted.tau_aug)
-        update["drop"] = cfg.drop.model_copy(update={"tau_multi": fitted.tau_multi, "tau_aug": fitted.tau_aug})
-    return cfg.model_copy(update=update)
+    return calibrated
 
 
 def _image_batches(images: list[np.ndarray], size: int = 8) -> list[torch.Tensor]:

@@ -48,6 +48,17 @@ class Calibration:
                 "iqa_ranges": {k: [lo, hi] for k, (lo, hi) in self.ranges.items()},
                 "drop": None if self.tau_multi is None else {"tau_multi": self.tau_multi, "tau_aug": self.tau_aug}}
 
+    def applied_to(self, cfg):
+        """`cfg` with this calibration: the fitted ranges when `iqa.calibrate` (ranges set by
+        hand in `iqa.ranges` win) and the fitted drop thresholds when `drop.calibrate_keep`."""
+        update = {}
+        if cfg.iqa.calibrate:
+            ranges = {name: self.ranges[name] for name in cfg.iqa.metrics if name in self.ranges} | cfg.iqa.ranges
+            update["iqa"] = cfg.iqa.model_copy(update={"ranges": ranges})
+        if cfg.drop.calibrate_keep is not None and self.tau_multi is not None:
+            update["drop"] = cfg.drop.model_copy(update={"tau_multi": self.tau_multi, "tau_aug": self.tau_aug})
+        return cfg.model_copy(update=update)
+
     def save(self, path: Path) -> None:
         atomic_write_json(path, self.to_json())
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
-import pytest
 import ray
 
 from qualiteacher.config import load_config
@@ -14,6 +12,7 @@ from services.bank.store import MemoryBank
 from services.labeller import Labeller
 from services.names import scorer_name, teacher_name
 from services.redis_server import redis_client
+from tests.waiting import wait_until as _wait_until
 
 
 def _start(namespace: str, prefix: str, redis_url: str, scorers: int, n_images: int = 16):
@@ -30,12 +29,6 @@ def _start(namespace: str, prefix: str, redis_url: str, scorers: int, n_images: 
     return cfg, model, labeller
 
 
-def _wait_until(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.1)
 
 
 def test_scorer_killed_mid_run(ray_cluster, weights_dir, redis_url):

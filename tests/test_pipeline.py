@@ -11,6 +11,7 @@ import ray
 from qualiteacher.config import load_config
 from services.bank.store import MemoryBank, decode_image
 from services.redis_server import redis_client
+from tests.waiting import wait_until as _wait_until
 
 
 def _cfg(namespace: str, *overrides: str):
@@ -174,14 +175,6 @@ def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_u
     ray.kill(labeller)
 
 
-def _wait_until(predicate, timeout: float = 120.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.1)
 
 
 def test_labeller_relabels_only_after_a_push(ray_cluster, weights_dir, redis_url):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import ray
 from fastapi.testclient import TestClient
 
@@ -23,6 +22,7 @@ from services.bank.store import MemoryBank
 from services.labeller import Labeller
 from services.monitor import create_app
 from services.redis_server import EmbeddedRedis, free_port, redis_client
+from tests.waiting import wait_until as _wait_until
 
 N_IMAGES = 16  # one pass (one teacher version), long enough to be mid-run at the outage
 OUTAGE_S = 14.0
@@ -40,12 +40,6 @@ def _start_labeller(namespace: str, redis_url: str):
         [ray.put(model.state_dict())], 0, 0.0)
 
 
-def _wait_until(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.1)
 
 
 def test_redis_restart_mid_run_loses_nothing(ray_cluster, weights_dir, tmp_path, capsys):
