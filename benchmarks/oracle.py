@@ -175,6 +175,9 @@ def run_cell(task: Task, level: str, reward: str, seed: int) -> dict:
     t0 = time.perf_counter()
     stats = loop.run(seed)
     result = evaluate(task, model, SWEEP)
+    result["train_psnr7"] = train_psnr(task, model, cfg.model.score_cap)
+    # The EMA teacher the run ends with, at 7: the model mean-teacher methods often ship.
+    result["ema_at7"] = evaluate(task, loop.ema.teacher, (cfg.model.score_cap,))["at7"]
     result.update(seconds=round(time.perf_counter() - t0, 1), loop_seconds={k: round(v, 1) for k, v in stats.seconds.items()},
                   dropped=stats.dropped,
                   bank_labels=sum(len(v) for v in loop.bank.values()),
@@ -228,9 +231,26 @@ def evaluate(task: Task, model, scores: Sequence[float]) -> dict:
     return out
 
 
+@torch.no_grad()
+def train_psnr(task: Task, model, score: float) -> float:
+    """Mean PSNR at `score` on the run's own unpaired training inputs against their hidden
+    ground truth: beside the test PSNR it shows how much of a reward's gain generalises."""
+    from benchmarks.oracle_scorer import psnr
+
+    model.eval()
+    out = torch.cat([model(x, score).clamp(0, 1) for x in task.inputs.split(16)])
+    return float(psnr(to_uint8_float(out), task.hidden_gt).mean())
+
+
+def to_uint8_float(images: torch.Tensor) -> torch.Tensor:
+    """Quantised as saved images are, so train and test PSNR compare like with like."""
+    return (images * 255).round() / 255
+
+
 def teacher_result(task: Task) -> dict:
     model = task.stage1_model(task.cfg, conditioned=False)
-    return evaluate(task, model, (task.cfg.model.score_cap,))["at7"]
+    at7 = evaluate(task, model, (task.cfg.model.score_cap,))["at7"]
+    return at7 | {"train_psnr7": train_psnr(task, model, task.cfg.model.score_cap)}
 
 
 # ---------------------------------------------------------------------------- summary
@@ -297,7 +317,8 @@ def run_task(task_name: str, args: argparse.Namespace) -> dict:
             r = runs[-1]
             sweep = " ".join(f"{p['psnr']:.1f}" for p in r["sweep"])
             print(f"[{task_name}] {cell} seed {seed}: PSNR@7 {r['at7']['psnr']:.2f} (teacher "
-                  f"{res['teacher']['psnr']:.2f}), rho(cond, PSNR) {r['spearman_psnr']:.2f}, sweep "
+                  f"{res['teacher']['psnr']:.2f}), train PSNR@7 {r['train_psnr7']:.2f} (teacher "
+                  f"{res['teacher']['train_psnr7']:.2f}), EMA@7 {r['ema_at7']['psnr']:.2f}, rho(cond, PSNR) {r['spearman_psnr']:.2f}, sweep "
                   f"{sweep}, {r['seconds']:.0f} s ({r['loop_seconds']})", flush=True)
         res["runs"][cell] = runs
         res["cells"][cell] = summarise(runs)

@@ -191,7 +191,7 @@ class ReferenceLoop:
         gen = torch.Generator().manual_seed(seed)
         initial = injection_snapshot(model) if cfg.model.score_condition else None
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        ema = EMA(model, cfg.ema.decay)
+        ema = self.ema = EMA(model, cfg.ema.decay)
         device = torch.device("cpu")
         for step in range(cfg.train.steps):
             if step % cfg.train.push_every == 0:
