@@ -377,19 +377,6 @@ def test_list_images_and_stats(bank):
     assert ev[1]["rejected"] == ["x"]
 
 
-def test_sample_uniform_over_images(bank):
-    assert bank.sample(3, random.Random(0)) == []
-    bank.gate("one", [entry("one", "a", 5.0)])
-    bank.gate("three", [entry("three", x, 5.0) for x in "abc"])
-    got = bank.sample(4000, np.random.default_rng(1))
-    assert len(got) == 4000
-    per_image = Counter(e.image_id for e in got)
-    assert abs(per_image["one"] / 4000 - 0.5) < 0.04
-    per_label = Counter(e.label_id for e in got if e.image_id == "three")
-    assert all(abs(v / per_image["three"] - 1 / 3) < 0.05 for v in per_label.values())
-    assert [e.label_id for e in bank.sample(5, random.Random(7))] == [e.label_id for e in bank.sample(5, random.Random(7))]
-
-
 def test_sample_sets_returns_whole_banks_uniform_over_images(bank):
     assert bank.sample_sets(3, random.Random(0)) == []
     bank.gate("one", [entry("one", "a", 5.0)])

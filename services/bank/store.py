@@ -10,7 +10,7 @@ that was gated before for the image, even if it was rejected or later evicted, i
 ignored). The seen set lives in Redis, so replays after a crash or a retried EVALSHA are
 no-ops and an evicted PL never comes back.
 
-Reads (``entries``, ``sample``, ``list_images``) are small Lua scripts too, so each one
+Reads (``entries``, ``sample_sets``, ``list_images``) are small Lua scripts too, so each one
 sees one consistent state of the bank.
 """
 
@@ -162,12 +162,6 @@ class GateOutcome:
     duplicates: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
 
-    def to_proto(self) -> pb.GateResult:
-        return pb.GateResult(
-            image_id=self.image_id, admitted=self.admitted, evicted=self.evicted,
-            rejected=self.rejected, duplicates=self.duplicates, kept=self.kept,
-        )
-
 
 class _Uniform(Protocol):
     def random(self) -> float: ...
@@ -188,30 +182,6 @@ local out = {}
 for i, label in ipairs(labels) do
   out[#out + 1] = label
   out[#out + 1] = redis.call('GET', ARGV[1] .. label)
-end
-return out
-"""
-
-# Uniform over images, then uniform over that image's entries. ARGV[1] = key prefix,
-# ARGV[2..] = pairs of uniforms in [0, 1). KEYS[1] = idx:lex.
-_SAMPLE_LUA = """
-local n_img = redis.call('ZCARD', KEYS[1])
-local out = {}
-if n_img == 0 then return out end
-local p = ARGV[1]
-for i = 2, #ARGV, 2 do
-  local a = math.floor(tonumber(ARGV[i]) * n_img)
-  if a >= n_img then a = n_img - 1 end
-  local img = redis.call('ZRANGE', KEYS[1], a, a)[1]
-  local rank = p .. ':img:' .. img .. ':rank'
-  local c = redis.call('ZCARD', rank)
-  if c > 0 then
-    local b = math.floor(tonumber(ARGV[i + 1]) * c)
-    if b >= c then b = c - 1 end
-    local label = redis.call('ZRANGE', rank, b, b)[1]
-    local payload = redis.call('GET', p .. ':e:' .. img .. ':' .. label)
-    if payload then out[#out + 1] = payload end
-  end
 end
 return out
 """
@@ -290,7 +260,6 @@ class MemoryBank:
         self.events_maxlen = int(events_maxlen)
         self._gate = client.register_script(_load_lua("gate.lua"))
         self._entries = client.register_script(_ENTRIES_LUA)
-        self._sample = client.register_script(_SAMPLE_LUA)
         self._sample_sets = client.register_script(_SAMPLE_SETS_LUA)
         self._list = client.register_script(_LIST_LUA)
 
@@ -366,21 +335,6 @@ class MemoryBank:
             neg = flat[i + 1]
             out.append((_s(flat[i]), -float(neg) if neg else float("nan"), int(flat[i + 2])))
         return out
-
-    def sample(self, n: int, rng: _Uniform | None = None) -> list[pb.BankEntry]:
-        """``n`` entries drawn with replacement: an image uniformly, then one of its entries.
-
-        ``rng`` is anything with ``.random()`` (``random.Random``, ``numpy.random.Generator``).
-        Returns fewer than ``n`` only when the bank is empty (then ``[]``).
-        """
-        rng = rng if rng is not None else random.Random()
-        if n <= 0:
-            return []
-        args: list[str] = [self.prefix]
-        for _ in range(2 * int(n)):
-            args.append(repr(float(rng.random())))
-        flat = self._sample(keys=[self.keys.idx_lex], args=args)
-        return [pb.BankEntry.FromString(b) for b in flat]
 
     def sample_sets(self, n: int, rng: _Uniform | None = None) -> list[list[pb.BankEntry]]:
         """``n`` images drawn uniformly with replacement, each with all its entries, best
