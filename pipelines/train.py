@@ -76,8 +76,9 @@ def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Ray Train checkpoint folder of this run, if any."""
-    root = run_dir / "ray_train" / TRAIN_RUN_NAME
+    """The newest Ray Train checkpoint folder of this run, if any. Absolute: summary.json
+    names it, and a relative path would be read against the run folder, not the cwd."""
+    root = run_dir.resolve() / "ray_train" / TRAIN_RUN_NAME
     found = sorted(root.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
     return next((p for p in reversed(found) if (p / "state.pt").exists()), None)
 
