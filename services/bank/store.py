@@ -29,10 +29,10 @@ import numpy as np
 import redis
 
 from protos import bank_entry_pb2 as pb
+from qualiteacher.method.augment import KNOWN_AUGMENTATIONS
 from services.bank.keys import HIST_BINS, BankKeys, hist_bin, validate_id
 
 BankEntry = pb.BankEntry
-AUGMENTATIONS = ("identity", "hflip", "vflip", "rot90")
 SORTS = ("score", "id", "recent")
 DEFAULT_EVENTS_MAXLEN = 10_000
 COUNTER_NAMES = ("gate_calls", "candidates", "admitted", "rejected", "evicted", "duplicates")
@@ -127,8 +127,8 @@ def build_entry(
     -> level of this label's rungs (`qualiteacher.method.ladder`), levels capped too."""
     validate_id(image_id)
     validate_id(label_id, "label id")
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}: one of {AUGMENTATIONS}")
+    if augmentation not in KNOWN_AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}: one of {KNOWN_AUGMENTATIONS}")
     entry = pb.BankEntry(
         image_id=image_id,
         label_id=label_id,
