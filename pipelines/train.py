@@ -259,13 +259,12 @@ def preflight(cfg: Config) -> None:
             raise FileNotFoundError(f"{field}: folder {folder} does not exist or is not a directory")
 
 
-def bank_summary(cfg: Config, redis_url: str) -> dict:
-    bank = _bank(cfg, redis_url)
+def bank_summary(bank: MemoryBank) -> dict:
+    """The bank's part of summary.json. Totals come from the gate's counters, so the cost
+    does not grow with the bank: two round trips, never one per image."""
     stats = bank.stats()
-    ids = [image for image, _, _ in bank.list_images(0, 1_000_000, sort="id")]
-    counts = [len(bank.labels(i)) for i in ids]
-    return {"bank_images": len(ids), "bank_entries": sum(counts),
-            "max_entries_per_image": max(counts, default=0), "dropped": stats.get("drops", {}),
+    return {"bank_images": stats["images"], "bank_entries": stats["entries"],
+            "max_entries_per_image": bank.max_entries_per_image(), "dropped": stats["drops"],
             "bank_stats": stats}
 
 
@@ -316,8 +315,8 @@ def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, sta
         "iqa_ranges": {k: list(v) for k, v in cfg.iqa.ranges.items()},
         "drop_thresholds": {"tau_multi": cfg.drop.tau_multi, "tau_aug": cfg.drop.tau_aug},
     }
-    summary.update(bank_summary(cfg, redis_url))
     bank = _bank(cfg, redis_url)
+    summary.update(bank_summary(bank))
     summary["student_resumes"] = int(bank.client.hget(bank.keys.meta, "student_resumes") or 0)
     return summary
 

@@ -411,3 +411,21 @@ def test_build_entry_level_cap():
     assert build_entry("i", "l", ensemble=3.25, image=TINY).level == 3.25
     with pytest.raises(ValueError):
         build_entry("i", "l", ensemble=1.0, image=TINY, augmentation="flip")
+
+
+def test_bank_summary_from_counters_equals_a_count_per_image(bank):
+    from pipelines.train import bank_summary
+
+    def per_image(bank):  # the definition: visit every image's bank
+        counts = [len(bank.labels(image)) for image, _, _ in bank.list_images(0, 10_000, sort="id")]
+        return len(counts), sum(counts), max(counts, default=0)
+
+    empty = bank_summary(bank)
+    assert (empty["bank_images"], empty["bank_entries"], empty["max_entries_per_image"]) == per_image(bank) == (0, 0, 0)
+    for i in range(20):  # 1..4 candidates per image, so top-3 evicts on some
+        bank.gate(f"img{i}", [entry(f"img{i}", f"l{j}", float(j + i % 3)) for j in range(1 + i % 4)])
+    bank.gate("img0", [entry("img0", "late", 9.0)])
+    bank.record_drop("aug", 2)
+    got = bank_summary(bank)
+    assert (got["bank_images"], got["bank_entries"], got["max_entries_per_image"]) == per_image(bank) == (20, 46, 3)
+    assert got["dropped"] == {"aug": 2} and got["bank_stats"] == bank.stats()

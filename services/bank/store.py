@@ -10,8 +10,8 @@ that was gated before for the image, even if it was rejected or later evicted, i
 ignored). The seen set lives in Redis, so replays after a crash or a retried EVALSHA are
 no-ops and an evicted PL never comes back.
 
-Reads (``entries``, ``sample_sets``, ``list_images``) are small Lua scripts too, so each one
-sees one consistent state of the bank.
+Reads (``entries``, ``sample_sets``, ``list_images``, ``max_entries_per_image``) are small
+Lua scripts too, so each one sees one consistent state of the bank.
 """
 
 from __future__ import annotations
@@ -231,6 +231,15 @@ end
 return out
 """
 
+# The most entries one image holds (0 when empty). KEYS[1] = idx:lex, ARGV[1] = key prefix.
+_MOST_LUA = """
+local most = 0
+for _, img in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  most = math.max(most, redis.call('ZCARD', ARGV[1] .. ':img:' .. img .. ':rank'))
+end
+return most
+"""
+
 
 # ---------------------------------------------------------------------------- the bank
 class MemoryBank:
@@ -262,6 +271,7 @@ class MemoryBank:
         self._entries = client.register_script(_ENTRIES_LUA)
         self._sample_sets = client.register_script(_SAMPLE_SETS_LUA)
         self._list = client.register_script(_LIST_LUA)
+        self._most = client.register_script(_MOST_LUA)
 
     # ---------------------------------------------------------------- gate
     def gate(self, image_id: str, entries: Sequence[pb.BankEntry]) -> GateOutcome:
@@ -335,6 +345,10 @@ class MemoryBank:
             neg = flat[i + 1]
             out.append((_s(flat[i]), -float(neg) if neg else float("nan"), int(flat[i + 2])))
         return out
+
+    def max_entries_per_image(self) -> int:
+        """The most entries any one image holds (0 for an empty bank), in one round trip."""
+        return int(self._most(keys=[self.keys.idx_lex], args=[self.prefix]))
 
     def sample_sets(self, n: int, rng: _Uniform | None = None) -> list[list[pb.BankEntry]]:
         """``n`` images drawn uniformly with replacement, each with all its entries, best
