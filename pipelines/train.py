@@ -321,6 +321,22 @@ def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, sta
     return summary
 
 
+# What a finished run prints: `qualiteacher train` and `python -m pipelines.train` as JSON,
+# the demo and the quality benchmark as one line.
+HEADLINE_KEYS = ("steps", "teacher_version", "bank_images", "bank_entries", "max_entries_per_image",
+                 "dropped", "checkpoint", "elapsed_s")
+
+
+def headline_json(summary: dict) -> str:
+    return json.dumps({k: summary[k] for k in HEADLINE_KEYS}, indent=2)
+
+
+def headline_line(summary: dict) -> str:
+    return (f"{summary['steps']} steps, teacher version {summary['teacher_version']}, "
+            f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
+            f"dropped {summary['dropped']}, {summary['elapsed_s']:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path)
@@ -334,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = run(cfg, args.run_dir or cfg.paths.run_dir)
-    print(json.dumps({k: summary[k] for k in ("steps", "teacher_version", "bank_images", "bank_entries",
-                                              "max_entries_per_image", "dropped", "checkpoint", "elapsed_s")},
-                     indent=2))
+    print(headline_json(run(cfg, args.run_dir or cfg.paths.run_dir)))
     return 0
 
 
