@@ -46,10 +46,10 @@ import numpy as np
 
 from benchmarks.common import emit_result, machine_line, print_table, repo_root
 from benchmarks.quality import TASKS, fmt, script_logging, spearman, with_threads
+from qualiteacher.method.augment import AUGMENTATIONS  # the teacher's PL set, as in training
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # ladder blends (1 - a) * input + a * clean
 LADDER_ITEMS = tuple(f"a={a:g}" for a in ALPHAS) + ("teacher",)
-PL_AUGMENTATIONS = ("hflip", "vflip", "rot90")
 IMAGE_SIZE = 128  # side of every test image; the reference of the size sensitivity
 # 64: the blocks of the pixel-loss weight maps (block_grid 2 on 128 px); 96: the student's crops.
 SIZES = (48, 64, 96, 128, 256)
@@ -356,8 +356,8 @@ def collect(task: str, args: argparse.Namespace, ensemble, task_dir: Path) -> di
 
     restored = to_images(teacher(to_batch(inputs)))
     steps = ladder(inputs, clean, restored)
-    pls = multi_aug_pseudo_labels(teacher, to_batch(inputs), PL_AUGMENTATIONS)  # (N, K, 3, H, W)
-    pls = to_images(pls.flatten(0, 1)).reshape(len(names), len(PL_AUGMENTATIONS), *clean.shape[1:])
+    pls = multi_aug_pseudo_labels(teacher, to_batch(inputs), AUGMENTATIONS)  # (N, K, 3, H, W)
+    pls = to_images(pls.flatten(0, 1)).reshape(len(names), len(AUGMENTATIONS), *clean.shape[1:])
     pairs = np.stack([clean, restored], axis=1)  # what the flip is measured on
     data = {
         "images": len(names),
@@ -722,7 +722,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
         tasks[task] = {"stats": analyse(data, ensemble), "calibrated_ranges": data["calibrated_ranges"],
                        "images": data["images"], "ladder_means": ladder_means(data, ensemble),
                        "pl_psnr_spread_db": mean_spread(data["pls"]["psnr"]),
-                       "pl_psnr_by_aug": dict(zip(PL_AUGMENTATIONS, data["pls"]["psnr"].mean(axis=0).tolist())),
+                       "pl_psnr_by_aug": dict(zip(AUGMENTATIONS, data["pls"]["psnr"].mean(axis=0).tolist())),
                        "timings_s": data["timings_s"]}
         print(f"[{task}] {data['images']} test images; seconds: {_timings(tasks[task])}", flush=True)
     summary = summarise(tasks, entries)

@@ -373,6 +373,7 @@ def train_student(task: str, args: argparse.Namespace, run_dir: Path, overrides:
                   stage1: Path, extra: list[str]) -> tuple[dict, float]:
     """One student run from ``stage1`` on the task's sets, in its own run folder, Ray
     namespace and embedded Redis: (run info, seconds). ``extra``: this run's own overrides."""
+    from pipelines.train import headline_line
     from pipelines.train import run as train_run
     from qualiteacher.config import load_config
 
@@ -385,9 +386,7 @@ def train_student(task: str, args: argparse.Namespace, run_dir: Path, overrides:
     t0 = time.perf_counter()
     summary = train_run(cfg, run_dir)
     seconds = time.perf_counter() - t0
-    print(f"[{task}] {run_dir.name}: {summary['steps']} steps, teacher version {summary['teacher_version']}, "
-          f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
-          f"dropped {summary['dropped']}, {seconds:.0f} s", flush=True)
+    print(f"[{task}] {run_dir.name}: {headline_line(summary)}", flush=True)
     return _run_info(summary, run_dir), seconds
 
 

@@ -32,7 +32,7 @@ def mean_psnr(pred_dir: Path, gt_dir: Path) -> float:
 
 def run_demo(cfg: Config, run_dir: Path) -> int:
     from pipelines.restore import restore_folder
-    from pipelines.train import run
+    from pipelines.train import headline_line, run
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.iqa.weights import prepare
     from qualiteacher.scoring import score_files
@@ -40,9 +40,7 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
     prepare(cfg.paths.resolved_weights_dir(), log=lambda m: print(f"[weights] {m}"))
     print(f"[demo] training on task '{cfg.data.task}' in {run_dir} (local Ray, embedded Redis)")
     summary = run(cfg, run_dir)
-    print(f"[demo] trained {summary['steps']} steps, teacher version {summary['teacher_version']}, "
-          f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
-          f"dropped {summary['dropped']}, {summary['elapsed_s']:.0f} s")
+    print(f"[demo] trained {headline_line(summary)}")
     test_in, test_gt = run_dir / "data" / "test" / "input", run_dir / "data" / "test" / "target"
     ensemble = IQAEnsemble.from_config(cfg)
     rows = [("degraded input", test_in)]

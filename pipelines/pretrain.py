@@ -24,14 +24,11 @@ import torch.nn.functional as F
 from qualiteacher.checkpoint import save_model_file
 from qualiteacher.config import Config, ConfigError, load_config
 from qualiteacher.data.paired import PairedImages
+from qualiteacher.device import pick_device
 from qualiteacher.models.build import build_model
 
 # final_loss is the mean over this many last steps: one batch's loss is too noisy.
 _FINAL_WINDOW = 10
-
-
-def pick_device(use_gpu: bool) -> torch.device:
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def _paired_dirs(cfg: Config, input_dir: Path | None, target_dir: Path | None) -> tuple[Path, Path]:

@@ -1,6 +1,10 @@
 """Restore a folder of images with a trained model, at a chosen quality condition.
 
-    python -m pipelines.restore --checkpoint runs/x/checkpoint_latest --score 7 IN_DIR OUT_DIR
+    python -m pipelines.restore --checkpoint runs/x --score 7 IN_DIR OUT_DIR
+
+``--checkpoint`` is what a job writes: a run folder (the checkpoint its ``summary.json``
+names, the newest ``runs/x/ray_train/student/checkpoint_*/``), one of those training-state
+folders, or a model file such as the stage-1 teacher ``runs/x/pretrain.pt``.
 
 Every image of IN_DIR becomes ``OUT_DIR/<stem>.png``. Unreadable inputs and outputs with
 NaN/Inf are reported (file and reason) and skipped; the others are still written.

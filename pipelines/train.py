@@ -76,8 +76,9 @@ def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Ray Train checkpoint folder of this run, if any."""
-    root = run_dir / "ray_train" / TRAIN_RUN_NAME
+    """The newest Ray Train checkpoint folder of this run, if any. Absolute: summary.json
+    names it, and a relative path would be read against the run folder, not the cwd."""
+    root = run_dir.resolve() / "ray_train" / TRAIN_RUN_NAME
     found = sorted(root.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
     return next((p for p in reversed(found) if (p / "state.pt").exists()), None)
 
@@ -258,13 +259,12 @@ def preflight(cfg: Config) -> None:
             raise FileNotFoundError(f"{field}: folder {folder} does not exist or is not a directory")
 
 
-def bank_summary(cfg: Config, redis_url: str) -> dict:
-    bank = _bank(cfg, redis_url)
+def bank_summary(bank: MemoryBank) -> dict:
+    """The bank's part of summary.json. Totals come from the gate's counters, so the cost
+    does not grow with the bank: two round trips, never one per image."""
     stats = bank.stats()
-    ids = [image for image, _, _ in bank.list_images(0, 1_000_000, sort="id")]
-    counts = [len(bank.labels(i)) for i in ids]
-    return {"bank_images": len(ids), "bank_entries": sum(counts),
-            "max_entries_per_image": max(counts, default=0), "dropped": stats.get("drops", {}),
+    return {"bank_images": stats["images"], "bank_entries": stats["entries"],
+            "max_entries_per_image": bank.max_entries_per_image(), "dropped": stats["drops"],
             "bank_stats": stats}
 
 
@@ -315,10 +315,26 @@ def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, sta
         "iqa_ranges": {k: list(v) for k, v in cfg.iqa.ranges.items()},
         "drop_thresholds": {"tau_multi": cfg.drop.tau_multi, "tau_aug": cfg.drop.tau_aug},
     }
-    summary.update(bank_summary(cfg, redis_url))
     bank = _bank(cfg, redis_url)
+    summary.update(bank_summary(bank))
     summary["student_resumes"] = int(bank.client.hget(bank.keys.meta, "student_resumes") or 0)
     return summary
+
+
+# What a finished run prints: `qualiteacher train` and `python -m pipelines.train` as JSON,
+# the demo and the quality benchmark as one line.
+HEADLINE_KEYS = ("steps", "teacher_version", "bank_images", "bank_entries", "max_entries_per_image",
+                 "dropped", "checkpoint", "elapsed_s")
+
+
+def headline_json(summary: dict) -> str:
+    return json.dumps({k: summary[k] for k in HEADLINE_KEYS}, indent=2)
+
+
+def headline_line(summary: dict) -> str:
+    return (f"{summary['steps']} steps, teacher version {summary['teacher_version']}, "
+            f"bank {summary['bank_images']} images / {summary['bank_entries']} entries, "
+            f"dropped {summary['dropped']}, {summary['elapsed_s']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = run(cfg, args.run_dir or cfg.paths.run_dir)
-    print(json.dumps({k: summary[k] for k in ("steps", "teacher_version", "bank_images", "bank_entries",
-                                              "max_entries_per_image", "dropped", "checkpoint", "elapsed_s")},
-                     indent=2))
+    print(headline_json(run(cfg, args.run_dir or cfg.paths.run_dir)))
     return 0
 
 

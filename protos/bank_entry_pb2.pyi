@@ -75,19 +75,3 @@ class BankEntry(_message.Message):
     ladder_alphas: _containers.RepeatedScalarFieldContainer[float]
     ladder_levels: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, image_id: _Optional[str] = ..., label_id: _Optional[str] = ..., teacher_version: _Optional[int] = ..., augmentation: _Optional[str] = ..., raw_scores: _Optional[_Mapping[str, float]] = ..., normalized_scores: _Optional[_Mapping[str, float]] = ..., ensemble: _Optional[float] = ..., level: _Optional[float] = ..., weights: _Optional[_Union[WeightMap, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., created_at_ms: _Optional[int] = ..., teacher_q_min: _Optional[float] = ..., ladder_alphas: _Optional[_Iterable[float]] = ..., ladder_levels: _Optional[_Iterable[float]] = ...) -> None: ...
-
-class GateResult(_message.Message):
-    __slots__ = ("image_id", "admitted", "evicted", "rejected", "duplicates", "kept")
-    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
-    ADMITTED_FIELD_NUMBER: _ClassVar[int]
-    EVICTED_FIELD_NUMBER: _ClassVar[int]
-    REJECTED_FIELD_NUMBER: _ClassVar[int]
-    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
-    KEPT_FIELD_NUMBER: _ClassVar[int]
-    image_id: str
-    admitted: _containers.RepeatedScalarFieldContainer[str]
-    evicted: _containers.RepeatedScalarFieldContainer[str]
-    rejected: _containers.RepeatedScalarFieldContainer[str]
-    duplicates: _containers.RepeatedScalarFieldContainer[str]
-    kept: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image_id: _Optional[str] = ..., admitted: _Optional[_Iterable[str]] = ..., evicted: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ..., duplicates: _Optional[_Iterable[str]] = ..., kept: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -42,7 +42,6 @@ MODEL_FORMAT = "qualiteacher-model/1"
 STATE_FORMAT = "qualiteacher-state/1"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-LATEST_DIR = "checkpoint_latest"
 SUMMARY_FILE = "summary.json"
 _RESERVED = frozenset({"format", "model", "model_config"})
 # Model config fields that may differ between a file and the model it is loaded into:
@@ -212,14 +211,12 @@ def _resolve(path: Path, depth: int = 0) -> tuple[Path, dict[str, Any]]:
     if (path / STATE_FILE).is_file():
         return path / STATE_FILE, _safe_load(path / STATE_FILE)
     if depth < 3 and path.is_dir():
-        if (path / LATEST_DIR).is_dir():
-            return _resolve(path / LATEST_DIR, depth + 1)
         target = _summary_checkpoint(path)
         if target is not None:
             return _resolve(target, depth + 1)
     raise CheckpointError(
         f"no checkpoint at {str(path)!r}: expected a model .pt file, a folder holding "
-        f"{STATE_FILE}, or a run folder with {LATEST_DIR}/ or a {SUMMARY_FILE} naming a checkpoint"
+        f"{STATE_FILE}, or a run folder whose {SUMMARY_FILE} names a checkpoint"
     )
 
 
@@ -245,8 +242,8 @@ def load_restorer(
     """Load a restoration model (eval mode, CPU) and its config from any checkpoint kind.
 
     ``path``: a model file; a folder holding ``state.pt`` (``prefer`` picks the student or
-    the EMA teacher weights); or a run folder with ``checkpoint_latest/`` or a
-    ``summary.json`` whose "checkpoint" names one (relative to the run folder).
+    the EMA teacher weights); or a run folder, whose ``summary.json`` "checkpoint" names
+    one (absolute, or relative to the run folder): the train job writes it at the end.
     ``model_cfg``: build this model instead of the file's, e.g. a score-conditioned one
     from an unconditioned backbone file; the backbone must match, and injection layers
     missing from the file keep their zero init (outputs equal the backbone's).

@@ -147,13 +147,10 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipelines.train import run
+    from pipelines.train import headline_json, run
 
     cfg = _config(args)
-    summary = run(cfg, args.run_dir or cfg.paths.run_dir)
-    print(json.dumps({k: summary[k] for k in ("steps", "teacher_version", "bank_images", "bank_entries",
-                                              "max_entries_per_image", "dropped", "checkpoint", "elapsed_s")},
-                     indent=2))
+    print(headline_json(run(cfg, args.run_dir or cfg.paths.run_dir)))
     return EXIT_OK
 
 

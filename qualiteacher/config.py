@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from qualiteacher.method.augment import AUGMENTATIONS, Augmentation
+
 WEIGHTS_ENV = "QUALITEACHER_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/qualiteacher/weights")
 
@@ -281,8 +283,7 @@ class RedisConfig(Strict):
 
 class LabellingConfig(Strict):
     # Multi-aug PLs: one per augmentation, each mapped back by its exact inverse.
-    augmentations: list[Literal["identity", "hflip", "vflip", "rot90"]] = Field(
-        default_factory=lambda: ["hflip", "vflip", "rot90"], min_length=1)
+    augmentations: list[Augmentation] = Field(default_factory=lambda: list(AUGMENTATIONS), min_length=1)
     teachers: int = Field(1, ge=1, le=64)
     teacher_resources: Resources = Field(default_factory=Resources)
     scorers: int = Field(1, ge=0, le=256)

@@ -1,4 +1,4 @@
-"""The torch device named by a config field or a command-line option."""
+"""The torch device named by a config field, a command-line option or a use-GPU flag."""
 
 from __future__ import annotations
 
@@ -13,3 +13,9 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     return torch.device(name)
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """cuda when ``use_gpu`` and CUDA is available, else cpu: a ``train.use_gpu`` config runs
+    unchanged on a machine without a GPU (the Ray Train student gets its device from Ray)."""
+    return resolve_device("auto" if use_gpu else "cpu")

@@ -56,9 +56,6 @@ class ScorerWorker:
         self.bank = MemoryBank(client, prefix=self.cfg.redis.prefix, top_k=self.cfg.gating.top_k)
         self.inputs = InputStore(client, self.cfg.redis.prefix)
 
-    def ping(self) -> bool:
-        return True
-
     def process(self, image_ids: list[str], pls: np.ndarray, finite: np.ndarray, version: int) -> dict:
         """Score PL sets (N, K, H, W, 3) uint8 made by teacher `version`, gate the survivors."""
         report = ScoreReport(images=len(image_ids))

@@ -1,6 +1,6 @@
 """Teacher actor: versioned EMA weights, multi-augmentation pseudo-labels for a batch.
 
-Plain class; `services.launch` wraps it with `ray.remote`. Weights arrive as a CPU state
+Plain class; `services/labeller.py` wraps it with `ray.remote`. Weights arrive as a CPU state
 dict (resolved by Ray from the `ray.put` reference the student pushed) with a version
 number; a version that is not newer than the one held is ignored, so late or duplicated
 pushes are harmless (the RLlib `sync_weights` pattern).
@@ -14,14 +14,11 @@ import numpy as np
 import torch
 
 from qualiteacher.config import ModelConfig
+from qualiteacher.device import pick_device
 from qualiteacher.method.augment import AUGMENTATIONS, multi_aug_pseudo_labels
 from qualiteacher.models.build import build_model
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(want_gpu: bool) -> torch.device:
-    return torch.device("cuda" if want_gpu and torch.cuda.is_available() else "cpu")
 
 
 class TeacherWorker:

@@ -377,19 +377,6 @@ def test_list_images_and_stats(bank):
     assert ev[1]["rejected"] == ["x"]
 
 
-def test_sample_uniform_over_images(bank):
-    assert bank.sample(3, random.Random(0)) == []
-    bank.gate("one", [entry("one", "a", 5.0)])
-    bank.gate("three", [entry("three", x, 5.0) for x in "abc"])
-    got = bank.sample(4000, np.random.default_rng(1))
-    assert len(got) == 4000
-    per_image = Counter(e.image_id for e in got)
-    assert abs(per_image["one"] / 4000 - 0.5) < 0.04
-    per_label = Counter(e.label_id for e in got if e.image_id == "three")
-    assert all(abs(v / per_image["three"] - 1 / 3) < 0.05 for v in per_label.values())
-    assert [e.label_id for e in bank.sample(5, random.Random(7))] == [e.label_id for e in bank.sample(5, random.Random(7))]
-
-
 def test_sample_sets_returns_whole_banks_uniform_over_images(bank):
     assert bank.sample_sets(3, random.Random(0)) == []
     bank.gate("one", [entry("one", "a", 5.0)])
@@ -424,3 +411,21 @@ def test_build_entry_level_cap():
     assert build_entry("i", "l", ensemble=3.25, image=TINY).level == 3.25
     with pytest.raises(ValueError):
         build_entry("i", "l", ensemble=1.0, image=TINY, augmentation="flip")
+
+
+def test_bank_summary_from_counters_equals_a_count_per_image(bank):
+    from pipelines.train import bank_summary
+
+    def per_image(bank):  # the definition: visit every image's bank
+        counts = [len(bank.labels(image)) for image, _, _ in bank.list_images(0, 10_000, sort="id")]
+        return len(counts), sum(counts), max(counts, default=0)
+
+    empty = bank_summary(bank)
+    assert (empty["bank_images"], empty["bank_entries"], empty["max_entries_per_image"]) == per_image(bank) == (0, 0, 0)
+    for i in range(20):  # 1..4 candidates per image, so top-3 evicts on some
+        bank.gate(f"img{i}", [entry(f"img{i}", f"l{j}", float(j + i % 3)) for j in range(1 + i % 4)])
+    bank.gate("img0", [entry("img0", "late", 9.0)])
+    bank.record_drop("aug", 2)
+    got = bank_summary(bank)
+    assert (got["bank_images"], got["bank_entries"], got["max_entries_per_image"]) == per_image(bank) == (20, 46, 3)
+    assert got["dropped"] == {"aug": 2} and got["bank_stats"] == bank.stats()

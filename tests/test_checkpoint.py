@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,8 +124,8 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert_same_weights(old, loaded)
 
 
-def make_training_state(directory, cfg: ModelConfig):
-    student = perturbed(cfg, seed=3)
+def make_training_state(directory, cfg: ModelConfig, seed: int = 3):
+    student = perturbed(cfg, seed=seed)
     ema = EMA(student, decay=0.5)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     loss = student(torch.rand(2, 3, 16, 16), torch.tensor([3.0, 7.0])).abs().mean()
@@ -161,10 +162,21 @@ def test_training_state_roundtrip(tmp_path):
     assert_same_weights(ema.teacher, t_model)
 
 
-def test_run_folder_layouts(tmp_path):
+def test_run_folder_layouts(tmp_path, monkeypatch):
+    from pipelines.train import TRAIN_RUN_NAME, latest_checkpoint
+
     cfg = tiny_cfg()
-    student, *_ = make_training_state(tmp_path / "run" / "checkpoint_latest", cfg)
-    assert_same_weights(student, load_restorer(tmp_path / "run")[0])
+    # The train job's layout, run from another folder with a relative --run-dir: its
+    # summary.json names the newest Ray Train checkpoint, and the run folder loads it.
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    older = make_training_state(run / "ray_train" / TRAIN_RUN_NAME / "checkpoint_000000", cfg, seed=1)[-1]
+    os.utime(older, (1, 1))  # newest by mtime, as Ray Train writes them
+    student, *_ = make_training_state(run / "ray_train" / TRAIN_RUN_NAME / "checkpoint_000001", cfg)
+    newest = latest_checkpoint(Path("run"))
+    assert newest == run / "ray_train" / TRAIN_RUN_NAME / "checkpoint_000001"
+    (run / "summary.json").write_text(json.dumps({"checkpoint": str(newest)}))
+    assert_same_weights(student, load_restorer(Path("run"))[0])
 
     other = tmp_path / "run2"
     other.mkdir()

@@ -1,10 +1,14 @@
-"""The demo's closing controllability line (pipelines/demo.py)."""
+"""What a run prints: the demo's controllability line (pipelines/demo.py) and the summary
+headline shared by the CLI, the train job, the demo and the quality benchmark."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from pipelines.demo import controllability_line
+from pipelines.train import headline_json, headline_line
 from qualiteacher.imageio import write_png
 
 
@@ -26,3 +30,13 @@ def test_controllability_line_reads_the_sweep(tmp_path):
     assert "Spearman(condition 0..7, PSNR) +1.00" in line
     reverse = {7.0 - s: folder for s, folder in swept.items()}
     assert "-1.00" in controllability_line(reverse, tmp_path / "gt")
+
+
+def test_summary_headline():
+    summary = {"steps": 12, "teacher_version": 3, "bank_images": 5, "bank_entries": 14,
+               "max_entries_per_image": 3, "dropped": {"aug": 2}, "checkpoint": "/r/ckpt",
+               "elapsed_s": 41.6, "bank_stats": {"images": 5}, "labelling": {}}
+    assert json.loads(headline_json(summary)) == {
+        "steps": 12, "teacher_version": 3, "bank_images": 5, "bank_entries": 14, "max_entries_per_image": 3,
+        "dropped": {"aug": 2}, "checkpoint": "/r/ckpt", "elapsed_s": 41.6}
+    assert headline_line(summary) == "12 steps, teacher version 3, bank 5 images / 14 entries, dropped {'aug': 2}, 42 s"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +18,7 @@ from qualiteacher.method.gating import Scored, gate
 
 
 # ---- multi-augmentation ----
-@pytest.mark.parametrize("name", ["identity", *augment.AUGMENTATIONS])
+@pytest.mark.parametrize("name", augment.KNOWN_AUGMENTATIONS)
 def test_augmentations_invert_exactly_on_non_square(name):
     x = torch.rand(2, 3, 37, 53)
     y = augment.apply(name, x)
@@ -40,6 +45,29 @@ def test_multi_aug_pseudo_labels_map_back():
     assert torch.allclose(pls[:, 1], x + ramp)
     # hflip and vflip share one batched call; rot90 (shape changes) gets its own.
     assert sorted(calls) == sorted([(4, 3, 20, 30), (2, 3, 30, 20)])
+
+
+def test_augmentation_names_come_from_one_place():
+    from services.bank.store import build_entry
+
+    assert load_config(None, []).labelling.augmentations == list(augment.AUGMENTATIONS)
+    every = ",".join(augment.KNOWN_AUGMENTATIONS)
+    assert load_config(None, [f"labelling.augmentations=[{every}]"]).labelling.augmentations == \
+        list(augment.KNOWN_AUGMENTATIONS)
+    with pytest.raises(ConfigError, match="labelling.augmentations"):
+        load_config(None, ["labelling.augmentations=[rot180]"])
+    for name in augment.KNOWN_AUGMENTATIONS:
+        assert build_entry("i", "l", ensemble=5.0, image=np.zeros((2, 2, 3), np.uint8), augmentation=name)
+    with pytest.raises(ValueError, match="rot180"):
+        build_entry("i", "l", ensemble=5.0, image=np.zeros((2, 2, 3), np.uint8), augmentation="rot180")
+
+
+def test_config_and_bank_import_without_torch():
+    # The monitor and config tools read augmentation names without paying for torch.
+    code = "import sys, qualiteacher.config, services.monitor.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
 
 
 # ---- dual drop ----

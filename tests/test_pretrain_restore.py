@@ -121,6 +121,15 @@ def test_pretrain_reduces_l1(haze_sets, tmp_path):
     assert any("step 60/60" in line for line in logs)
 
 
+def test_pretrain_use_gpu_runs_where_cuda_is_missing(haze_sets, tmp_path):
+    cfg = load_config(None, TINY + ["pretrain.steps=2", "train.use_gpu=true"])
+    logs: list[str] = []
+    pretrain_mod.pretrain(cfg, haze_sets["paired/input"], haze_sets["paired/target"], tmp_path / "pre.pt",
+                          log=logs.append)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert logs[0].endswith(f"device {expected}"), logs[0]
+
+
 def test_pretrain_main(haze_sets, tmp_path, capsys):
     argv = ["--paired-input", str(haze_sets["paired/input"]), "--paired-target",
             str(haze_sets["paired/target"]), "--out", str(tmp_path / "m.pt")]

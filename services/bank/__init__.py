@@ -5,7 +5,6 @@ See :mod:`services.bank.keys` for the key layout and :mod:`services.bank.store` 
 
 from services.bank.keys import ID_PATTERN, BankKeys, validate_id
 from services.bank.store import (
-    AUGMENTATIONS,
     BankEntry,
     GateOutcome,
     MemoryBank,
@@ -17,7 +16,6 @@ from services.bank.store import (
 )
 
 __all__ = [
-    "AUGMENTATIONS",
     "ID_PATTERN",
     "BankEntry",
     "BankKeys",

@@ -125,8 +125,3 @@ class BankKeys:
         """Image id of a ``rank`` key."""
         body = key[len(f"{self.prefix}:img:"):]
         return body[: -len(":rank")]
-
-    def parse_entry(self, key: str) -> tuple[str, str]:
-        """``(image id, label id)`` of an ``entry`` key."""
-        image_id, _, label_id = key[len(self.entry_prefix()):].partition(":")
-        return image_id, label_id

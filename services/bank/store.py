@@ -10,8 +10,8 @@ that was gated before for the image, even if it was rejected or later evicted, i
 ignored). The seen set lives in Redis, so replays after a crash or a retried EVALSHA are
 no-ops and an evicted PL never comes back.
 
-Reads (``entries``, ``sample``, ``list_images``) are small Lua scripts too, so each one
-sees one consistent state of the bank.
+Reads (``entries``, ``sample_sets``, ``list_images``, ``max_entries_per_image``) are small
+Lua scripts too, so each one sees one consistent state of the bank.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 import redis
 
 from protos import bank_entry_pb2 as pb
+from qualiteacher.method.augment import KNOWN_AUGMENTATIONS
 from services.bank.keys import HIST_BINS, BankKeys, hist_bin, validate_id
 
 BankEntry = pb.BankEntry
-AUGMENTATIONS = ("identity", "hflip", "vflip", "rot90")
 SORTS = ("score", "id", "recent")
 DEFAULT_EVENTS_MAXLEN = 10_000
 COUNTER_NAMES = ("gate_calls", "candidates", "admitted", "rejected", "evicted", "duplicates")
@@ -127,8 +127,8 @@ def build_entry(
     -> level of this label's rungs (`qualiteacher.method.ladder`), levels capped too."""
     validate_id(image_id)
     validate_id(label_id, "label id")
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}: one of {AUGMENTATIONS}")
+    if augmentation not in KNOWN_AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}: one of {KNOWN_AUGMENTATIONS}")
     entry = pb.BankEntry(
         image_id=image_id,
         label_id=label_id,
@@ -162,12 +162,6 @@ class GateOutcome:
     duplicates: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
 
-    def to_proto(self) -> pb.GateResult:
-        return pb.GateResult(
-            image_id=self.image_id, admitted=self.admitted, evicted=self.evicted,
-            rejected=self.rejected, duplicates=self.duplicates, kept=self.kept,
-        )
-
 
 class _Uniform(Protocol):
     def random(self) -> float: ...
@@ -188,30 +182,6 @@ local out = {}
 for i, label in ipairs(labels) do
   out[#out + 1] = label
   out[#out + 1] = redis.call('GET', ARGV[1] .. label)
-end
-return out
-"""
-
-# Uniform over images, then uniform over that image's entries. ARGV[1] = key prefix,
-# ARGV[2..] = pairs of uniforms in [0, 1). KEYS[1] = idx:lex.
-_SAMPLE_LUA = """
-local n_img = redis.call('ZCARD', KEYS[1])
-local out = {}
-if n_img == 0 then return out end
-local p = ARGV[1]
-for i = 2, #ARGV, 2 do
-  local a = math.floor(tonumber(ARGV[i]) * n_img)
-  if a >= n_img then a = n_img - 1 end
-  local img = redis.call('ZRANGE', KEYS[1], a, a)[1]
-  local rank = p .. ':img:' .. img .. ':rank'
-  local c = redis.call('ZCARD', rank)
-  if c > 0 then
-    local b = math.floor(tonumber(ARGV[i + 1]) * c)
-    if b >= c then b = c - 1 end
-    local label = redis.call('ZRANGE', rank, b, b)[1]
-    local payload = redis.call('GET', p .. ':e:' .. img .. ':' .. label)
-    if payload then out[#out + 1] = payload end
-  end
 end
 return out
 """
@@ -261,6 +231,15 @@ end
 return out
 """
 
+# The most entries one image holds (0 when empty). KEYS[1] = idx:lex, ARGV[1] = key prefix.
+_MOST_LUA = """
+local most = 0
+for _, img in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  most = math.max(most, redis.call('ZCARD', ARGV[1] .. ':img:' .. img .. ':rank'))
+end
+return most
+"""
+
 
 # ---------------------------------------------------------------------------- the bank
 class MemoryBank:
@@ -290,9 +269,9 @@ class MemoryBank:
         self.events_maxlen = int(events_maxlen)
         self._gate = client.register_script(_load_lua("gate.lua"))
         self._entries = client.register_script(_ENTRIES_LUA)
-        self._sample = client.register_script(_SAMPLE_LUA)
         self._sample_sets = client.register_script(_SAMPLE_SETS_LUA)
         self._list = client.register_script(_LIST_LUA)
+        self._most = client.register_script(_MOST_LUA)
 
     # ---------------------------------------------------------------- gate
     def gate(self, image_id: str, entries: Sequence[pb.BankEntry]) -> GateOutcome:
@@ -367,20 +346,9 @@ class MemoryBank:
             out.append((_s(flat[i]), -float(neg) if neg else float("nan"), int(flat[i + 2])))
         return out
 
-    def sample(self, n: int, rng: _Uniform | None = None) -> list[pb.BankEntry]:
-        """``n`` entries drawn with replacement: an image uniformly, then one of its entries.
-
-        ``rng`` is anything with ``.random()`` (``random.Random``, ``numpy.random.Generator``).
-        Returns fewer than ``n`` only when the bank is empty (then ``[]``).
-        """
-        rng = rng if rng is not None else random.Random()
-        if n <= 0:
-            return []
-        args: list[str] = [self.prefix]
-        for _ in range(2 * int(n)):
-            args.append(repr(float(rng.random())))
-        flat = self._sample(keys=[self.keys.idx_lex], args=args)
-        return [pb.BankEntry.FromString(b) for b in flat]
+    def max_entries_per_image(self) -> int:
+        """The most entries any one image holds (0 for an empty bank), in one round trip."""
+        return int(self._most(keys=[self.keys.idx_lex], args=[self.prefix]))
 
     def sample_sets(self, n: int, rng: _Uniform | None = None) -> list[list[pb.BankEntry]]:
         """``n`` images drawn uniformly with replacement, each with all its entries, best
