@@ -92,7 +92,7 @@ def _download_rows(weights_dir: Path, mirror: str | None) -> list[dict]:
 
     try:
         plan = build_plan()
-    except (DownloadError, ImportError, KeyError, AttributeError) as exc:
+    except DownloadError as exc:
         return [{"name": "-", "file": "-", "url": "-", "state": f"no plan: {exc}"}]
     return [{"name": p.name, "file": p.relpath, "url": p.source(mirror), "sha256": p.sha256,
              "state": file_state(p, weights_dir)} for p in plan]

@@ -286,6 +286,19 @@ def test_real_plan_refuses_what_it_cannot_download():
         build_plan(["brisque"])
 
 
+def test_plan_stops_when_the_installed_package_disagrees(monkeypatch):
+    """A pyiqa whose table lost the key, or names another file than the loader looks for."""
+    from pyiqa.archs import musiq_arch
+
+    urls = dict(musiq_arch.default_model_urls)
+    monkeypatch.setattr(musiq_arch, "default_model_urls", {k: v for k, v in urls.items() if k != "koniq10k"})
+    with pytest.raises(DownloadError, match=r"musiq_arch.default_model_urls\['koniq10k'\]"):
+        build_plan(["musiq"])
+    monkeypatch.setattr(musiq_arch, "default_model_urls", {**urls, "koniq10k": "https://h/musiq_koniq-0123abcd.pth"})
+    with pytest.raises(DownloadError, match="registry.py disagree"):
+        build_plan(["musiq"])
+
+
 # ---------------------------------------------------------------------------- the CLI
 def test_cli_without_network_fails_in_one_line(tmp_path, capsys):
     """The real plan through a mirror where nothing listens: exit 2, one line, no file."""

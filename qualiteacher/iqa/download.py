@@ -106,9 +106,13 @@ def build_plan(names: Iterable[str] | None = None) -> list[PlannedFile]:
                          "(brisque and niqe come from `qualiteacher weights prepare`, piqe needs no file)")
     plan = []
     for name in names:
-        url, relpath = url_from_package(*ORIGINS[name]), _target(name)
+        module, table, key = ORIGINS[name]
+        try:
+            url = url_from_package(module, table, key)
+        except (ImportError, AttributeError, KeyError) as exc:  # an installed package changed its table
+            raise DownloadError(f"cannot read {name}'s URL from {module}.{table}[{key!r}]: {exc!r}") from None
+        relpath = _target(name)
         if PurePosixPath(urlparse(url).path).name != PurePosixPath(relpath).name:
-            module, table, key = ORIGINS[name]
             raise DownloadError(f"{module}.{table}[{key!r}] is {url}, but the loader looks for {relpath}: "
                                 "the installed package and qualiteacher/iqa/registry.py disagree")
         plan.append(PlannedFile(name, relpath, url, expected_sha256(url)))
