@@ -79,7 +79,7 @@ def cmd_weights_download(args) -> int:
     weights_dir = _config(args).paths.resolved_weights_dir()
     try:
         download(build_plan(_names(args.metrics)), weights_dir, mirror=mirror_from_env(args.mirror))
-    except (DownloadError, ValueError) as exc:
+    except (DownloadError, ValueError, OSError) as exc:  # OSError: the folder cannot be written
         raise UsageError(str(exc)) from None
     print(f"weights folder: {weights_dir}")
     return EXIT_OK

@@ -225,6 +225,12 @@ def test_mirror_serves_files_by_name_and_checksums_still_hold(server, tmp_path, 
     assert not (tmp_path / plan[0].relpath).exists()
 
 
+def test_progress_bar_only_when_asked(server, tmp_path, capsys):
+    """On a terminal (progress=None reads stderr.isatty()) a bar naming the file goes to stderr."""
+    download(fake_plan(server)[:1], tmp_path, progress=True)
+    assert "fake_musiq-" in capsys.readouterr().err
+
+
 def test_mirror_option_wins_and_empty_means_none(monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, "http://env-mirror")
     assert mirror_from_env("http://flag-mirror") == "http://flag-mirror"
@@ -309,6 +315,15 @@ def test_cli_without_network_fails_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert f"{mirror}/RN50.pt" in err and "RN50.pt" in err
     assert leftovers(tmp_path) == []
+
+
+def test_cli_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    rc = main(["weights", "download", "--metrics", "musiq", "--weights-dir", str(not_a_folder),
+               "--mirror", dead_url()])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(not_a_folder) in err
 
 
 def test_cli_refuses_a_mirror_file_that_is_not_the_real_one(server, tmp_path, capsys):
