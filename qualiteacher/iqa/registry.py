@@ -13,13 +13,12 @@ from typing import Any, Literal
 
 PYIQA_DIR = "hub/pyiqa"  # pyiqa's own cache layout under the weights folder ($TORCH_HOME style)
 CLIP_DIR = "hub/clip"
-PYIQA_RELEASE = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 
 
 @dataclass(frozen=True)
 class WeightFile:
     relpath: str  # path inside the weights folder
-    source: str  # how to obtain it
+    source: str  # how to obtain it (an instruction: it follows "missing <file>: ")
     prepared: bool = False  # True when `qualiteacher weights prepare` builds it offline
 
 
@@ -51,8 +50,9 @@ class MetricSpec:
         return self.gradients != "none"
 
 
-def _release(name: str) -> str:
-    return f"{PYIQA_RELEASE}/{name}"
+def _download(metric: str, what: str) -> str:
+    # The URL itself is read from the installed package at download time (iqa/download.py).
+    return f"run `qualiteacher weights download --metrics {metric}` ({what})"
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -78,19 +78,19 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(
             "musiq", "musiq", lower_better=False, low=0.0, high=100.0, gradients="dense",
             files=(WeightFile(f"{PYIQA_DIR}/musiq_koniq_ckpt-e95806b9.pth",
-                              _release("musiq_koniq_ckpt-e95806b9.pth")),),
+                              _download("musiq", "pyiqa's MUSIQ-KonIQ release")),),
         ),
         MetricSpec(
             "clipiqa", "clipiqa", lower_better=False, low=0.0, high=1.0, gradients="dense",
             files=(WeightFile(f"{CLIP_DIR}/RN50.pt",
-                              "OpenAI CLIP RN50, the file pyiqa's CLIP loader fetches and sha256-checks "
-                              "(pyiqa.archs.clip_model._MODELS['RN50'])"),),
+                              _download("clipiqa", "OpenAI CLIP RN50, the file pyiqa's CLIP loader "
+                                        "fetches and sha256-checks")),),
             min_size=224,
         ),
         MetricSpec(
             "topiq_nr", "topiq_nr", lower_better=False, low=0.0, high=1.0, gradients="dense",
             files=(WeightFile(f"{PYIQA_DIR}/cfanet_nr_koniq_res50-9a73138b.pth",
-                              _release("cfanet_nr_koniq_res50-9a73138b.pth")),),
+                              _download("topiq_nr", "pyiqa's TOPIQ-NR KonIQ release")),),
             create_kwargs={"backbone_pretrain": False},
         ),
     )

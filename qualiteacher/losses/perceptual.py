@@ -34,7 +34,8 @@ def _load_features(path: Path, last_index: int) -> nn.Sequential:
     if not path.is_file():
         raise FileNotFoundError(
             f"VGG19 weights not found at {path}. Download torchvision's file from {VGG19_URL} "
-            f"and place it there (e.g. curl -L -o {path} {VGG19_URL}); it is never downloaded automatically."
+            f"and place it there (e.g. curl -L -o {path} {VGG19_URL}), or run `qualiteacher weights download "
+            "--metrics vgg19`; it is never downloaded automatically."
         )
     with torch.device("meta"):  # build without allocating the 400 MB classifier
         features = vgg19(weights=None).features[: last_index + 1]
