@@ -36,9 +36,9 @@ class Slot:
     @property
     def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"weights entry {self.name!r}: unknown dtype {self.dtype!r}")
-        return dtype
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise ValueError(f"weights entry {self.name!r}: unknown dtype {self.dtype!r}")
 
     @property
     def nbytes(self) -> int:
