@@ -31,6 +31,9 @@ def test_teacher_actor_takes_flat_pushes_and_ignores_stale_ones(ray_cluster):
 
     teacher = ray.remote(TeacherWorker).options(num_cpus=0.1).remote(cfg_json, None, -1)
     ref_a, ref_b = ray.put(flatten(a)), ray.put(flatten(b))
+    # The premise of the format: Ray hands the buffer back as a read-only view of its
+    # shared-memory store (no copy), not a deserialised one.
+    assert not ray.get(ref_a).buffer.flags.writeable
     assert ray.get(teacher.set_weights.remote(ref_a, 2)) == 2
     assert ray.get(teacher.set_weights.remote(ref_b, 1)) == 2  # older: ignored
     assert ray.get(teacher.set_weights.remote(ref_b, 2)) == 2  # the same version again: ignored
