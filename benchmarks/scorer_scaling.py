@@ -69,6 +69,7 @@ def component_bound(cfg: dict, url: str, images: list) -> tuple[float, float]:
     import torch
 
     from qualiteacher.config import ModelConfig
+    from qualiteacher.flat_weights import flatten
     from qualiteacher.models.build import build_model
     from services.bank.store import MemoryBank
     from services.redis_server import redis_client
@@ -80,7 +81,8 @@ def component_bound(cfg: dict, url: str, images: list) -> tuple[float, float]:
     cfg = dict(cfg, redis=dict(cfg["redis"], prefix=cfg["redis"]["prefix"] + "c"))
     try:
         batch = np.stack(images)
-        teacher = TeacherWorker(cfg["model"], build_model(ModelConfig.model_validate(cfg["model"])).state_dict(), 0)
+        weights = flatten(build_model(ModelConfig.model_validate(cfg["model"])).state_dict())
+        teacher = TeacherWorker(cfg["model"], weights, 0)
         scorer = ScorerWorker(cfg, url)
         pls, finite, _ = teacher.label(batch)
         scorer.process([f"c{i}" for i in range(len(images))], pls, finite, 0)  # warm-up
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
     import ray
 
     from qualiteacher.config import ModelConfig
+    from qualiteacher.flat_weights import flatten
     from qualiteacher.models.build import build_model
     from services.bank.store import MemoryBank
     from services.labeller import Labeller
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
         for n in (1, 2):
             cfg = bench_config(n, size, args.batch, args.grid, tag)
             model = build_model(ModelConfig.model_validate(cfg["model"]))
-            ref = ray.put(model.state_dict())
+            ref = ray.put(flatten(model.state_dict()))
             labellers[n] = ray.remote(Labeller).options(num_cpus=0, max_concurrency=8).remote(
                 cfg, url, ids, images, [ref], 0, 0.0)
             states[n], cfgs[n] = [ref, 0], cfg

@@ -28,6 +28,7 @@ from pipelines.progress import ProgressReporter
 from qualiteacher.checkpoint import load_training_state
 from qualiteacher.config import Config, ConfigError, load_config
 from qualiteacher.fileio import atomic_write_json
+from qualiteacher.flat_weights import flatten
 from services.bank.store import MemoryBank
 from services.names import LABELLER
 from services.redis_server import redact_url, redis_client, resolve_redis
@@ -183,7 +184,7 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     labeller = ray.remote(Labeller).options(
         name=LABELLER, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=8, lifetime=None,
     ).remote(cfg.model_dump(mode="json"), redis_url, unpaired.ids, unpaired.images,
-             [ray.put(teacher_state)], version, gpus)
+             [ray.put(flatten(teacher_state))], version, gpus)
     return labeller
 
 

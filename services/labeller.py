@@ -7,8 +7,8 @@ Runs as one named, threaded actor (`labeller` in the job's namespace):
   the version its last scored labels came from: an unchanged version would make the same
   label ids, which the gate ignores as duplicates after a teacher forward and a full IQA
   scoring. With nothing new the loop waits for the next push;
-- `push_weights()` is the weight-sync hub: the student puts the EMA state once with
-  `ray.put` and hands the reference here; every teacher gets `(ref, version)`, a restarted
+- `push_weights()` is the weight-sync hub: the student puts the EMA weights once with
+  `ray.put` (as `FlatWeights`, one byte buffer) and hands the reference here; every teacher gets `(ref, version)`, a restarted
   teacher is re-seeded with the newest one before it labels again, and the loop wakes;
 - `scale_scorers(n)` grows or shrinks the scorer pool while the job runs;
 - `stats()` and `stop()` for the driver and the CLI.
@@ -128,7 +128,8 @@ class Labeller:
         self.wake = threading.Event()  # set by a push, a scale request and stop(): the idle loop looks again
         self.relabel: deque[_Batch] = deque()  # batches whose teacher failed
         self.stats_ = LabellerStats()
-        # `teacher_state` is [ref]: wrapped in a list so Ray passes the reference, not the value.
+        # `teacher_state` is [ref to FlatWeights]: wrapped in a list so Ray passes the
+        # reference, not the value.
         self.weights_ref, self.version = teacher_state[0], int(teacher_version)
         self.teachers = [self._start_teacher(i) for i in range(self.lab.teachers)]
         self.scorers: list[_Scorer] = []

@@ -7,8 +7,9 @@ with one flat all-reduce after backward instead of a DDP wrapper: a step runs th
 several times (pixel, preference at two scores, cropped consistency) and a manual
 all-reduce is correct for any number of forwards.
 
-Rank 0 keeps the EMA teacher; every `push_every` steps it does one `ray.put` of its CPU
-state and hands `(ref, version)` to the labeller, which forwards it to every teacher.
+Rank 0 keeps the EMA teacher; every `push_every` steps it packs its state into one byte
+buffer (`qualiteacher.flat_weights`, which Ray reads without a copy), does one `ray.put`
+and hands `(ref, version)` to the labeller, which forwards it to every teacher.
 Checkpoints (student, EMA, optimiser, step, teacher version) go through `ray.train.report`;
 a restarted run resumes from the latest one.
 """
@@ -28,6 +29,7 @@ import torch
 from qualiteacher.checkpoint import load_training_state, save_training_state
 from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
+from qualiteacher.flat_weights import flatten
 from qualiteacher.method.bank_batch import BankBatch, BankLabel, assemble_bank_batch
 from qualiteacher.method.ema import EMA
 from qualiteacher.models.build import build_model
@@ -178,7 +180,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             if rank == 0:
                 if push is not None:
                     ray.get(push)  # at most one push in flight
-                ref = ray.put(ema.cpu_state_dict())
+                ref = ray.put(flatten(ema.teacher.state_dict()))  # one copy, from any device
                 push = labeller.push_weights.remote([ref], version)
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics.update(step=step, teacher_version=version, skipped_updates=skipped)

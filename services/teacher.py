@@ -1,9 +1,10 @@
 """Teacher actor: versioned EMA weights, multi-augmentation pseudo-labels for a batch.
 
-Plain class; `services/labeller.py` wraps it with `ray.remote`. Weights arrive as a CPU state
-dict (resolved by Ray from the `ray.put` reference the student pushed) with a version
-number; a version that is not newer than the one held is ignored, so late or duplicated
-pushes are harmless (the RLlib `sync_weights` pattern).
+Plain class; `services/labeller.py` wraps it with `ray.remote`. Weights arrive as `FlatWeights`
+(`qualiteacher.flat_weights`: one byte buffer, which Ray resolves from the student's
+`ray.put` reference without a copy) with a version number; a version that is not newer
+than the one held is ignored, so late or duplicated pushes are harmless (the RLlib
+`sync_weights` pattern).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from qualiteacher.config import ModelConfig
 from qualiteacher.device import pick_device
+from qualiteacher.flat_weights import FlatWeights
 from qualiteacher.method.augment import AUGMENTATIONS, multi_aug_pseudo_labels
 from qualiteacher.models.build import build_model
 
@@ -22,21 +24,24 @@ log = logging.getLogger(__name__)
 
 
 class TeacherWorker:
-    def __init__(self, model_cfg: dict, state: dict[str, torch.Tensor] | None, version: int,
+    def __init__(self, model_cfg: dict, weights: FlatWeights | None, version: int,
                  use_gpu: bool = False, augmentations: tuple[str, ...] = AUGMENTATIONS):
         self.augmentations = tuple(augmentations)
         self.device = pick_device(use_gpu)
         self.model = build_model(ModelConfig.model_validate(model_cfg)).to(self.device).eval()
         self.model.requires_grad_(False)
         self.version = -1
-        if state is not None:
-            self.set_weights(state, version)
+        if weights is not None:
+            self.set_weights(weights, version)
 
-    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+    def set_weights(self, weights: FlatWeights, version: int) -> int:
         """Load weights if `version` is newer than the held one; returns the version held."""
+        if not isinstance(weights, FlatWeights):  # e.g. a plain state dict from old code
+            raise TypeError(f"set_weights takes FlatWeights (qualiteacher.flat_weights.flatten), "
+                            f"got {type(weights).__name__}")
         if version <= self.version:
             return self.version
-        self.model.load_state_dict(state)
+        weights.load_into(self.model)
         self.version = int(version)
         return self.version
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import ray
 
 from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
 from qualiteacher.models.build import build_model
 from services.bank.store import MemoryBank
 from services.labeller import Labeller
@@ -25,7 +25,7 @@ def _start(namespace: str, prefix: str, redis_url: str, scorers: int, n_images: 
     labeller = ray.remote(Labeller).options(num_cpus=0, max_concurrency=8, namespace=namespace,
                                            name="labeller").remote(
         cfg.model_dump(mode="json"), redis_url, [f"f{i}" for i in range(n_images)], images,
-        [ray.put(model.state_dict())], 0, 0.0)
+        [ray.put(flatten(model.state_dict()))], 0, 0.0)
     return cfg, model, labeller
 
 
@@ -49,7 +49,7 @@ def test_scorer_killed_mid_run(ray_cluster, weights_dir, redis_url):
 def test_teacher_killed_comes_back_with_latest_weights(ray_cluster, weights_dir, redis_url):
     _, model, labeller = _start("fault-teacher", "fteacher", redis_url, scorers=1)
     state = {k: v + 0.0 for k, v in model.state_dict().items()}
-    assert ray.get(labeller.push_weights.remote([ray.put(state)], 5)) == 5
+    assert ray.get(labeller.push_weights.remote([ray.put(flatten(state))], 5)) == 5
     done = labeller.run.remote(max_rounds=4)
     _wait_until(lambda: ray.get(labeller.stats.remote())["scored"] >= 2)
     teacher = ray.get_actor(teacher_name(0), namespace="fault-teacher")

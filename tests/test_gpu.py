@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
 
 # The device under test; QUALITEACHER_TEST_ACCEL=cpu dry-runs these checks (CPU against CPU)
 # on a machine without CUDA, so a broken check is found before a GPU is lent.
@@ -107,11 +108,11 @@ def test_teacher_pseudo_labels_match_cpu():
     from services.teacher import TeacherWorker
 
     cfg = load_config(REPO / "configs/quickstart.yaml")
-    state = _model(cfg).state_dict()
+    weights = flatten(_model(cfg).state_dict())
     images = (_photos(3, 96).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     out = {}
     for use_gpu in (False, True):
-        teacher = TeacherWorker(cfg.model.model_dump(mode="json"), state, 1, use_gpu=use_gpu)
+        teacher = TeacherWorker(cfg.model.model_dump(mode="json"), weights, 1, use_gpu=use_gpu)
         assert teacher.device.type == (ACCEL if use_gpu else "cpu")
         out[use_gpu] = teacher.label(images)
     pls_c, finite_c, version_c = out[False]

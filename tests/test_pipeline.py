@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
 from services.bank.store import MemoryBank, decode_image
 from services.redis_server import redis_client
 from tests.waiting import wait_until as _wait_until
@@ -159,7 +160,7 @@ def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_u
     labeller = ray.remote(Labeller).options(num_cpus=0, max_concurrency=8, namespace="scale-test",
                                            name="labeller").remote(
         cfg.model_dump(mode="json"), redis_url, [f"s{i}" for i in range(8)], images,
-        [ray.put(model.state_dict())], 0, 0.0)
+        [ray.put(flatten(model.state_dict()))], 0, 0.0)
     done = labeller.run.remote(max_rounds=3)
     assert ray.get(labeller.scorer_count.remote()) == 1
     ray.get(labeller.scale_scorers.remote(2))
@@ -191,7 +192,7 @@ def test_labeller_relabels_only_after_a_push(ray_cluster, weights_dir, redis_url
     ids = [f"r{i}" for i in range(6)]
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for _ in ids]
-    weights = [ray.put(build_model(cfg.model).state_dict())]
+    weights = [ray.put(flatten(build_model(cfg.model).state_dict()))]
     labeller = ray.remote(Labeller).options(num_cpus=0, max_concurrency=8, namespace="relabel-test",
                                            name="labeller").remote(
         cfg.model_dump(mode="json"), redis_url, ids, images, weights, 0, 0.0)

@@ -17,6 +17,7 @@ import ray
 from fastapi.testclient import TestClient
 
 from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
 from qualiteacher.models.build import build_model
 from services.bank.store import MemoryBank
 from services.labeller import Labeller
@@ -37,7 +38,7 @@ def _start_labeller(namespace: str, redis_url: str):
     images = [rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for _ in range(N_IMAGES)]
     return ray.remote(Labeller).options(num_cpus=0, max_concurrency=8, namespace=namespace, name="labeller").remote(
         cfg.model_dump(mode="json"), redis_url, [f"r{i}" for i in range(N_IMAGES)], images,
-        [ray.put(model.state_dict())], 0, 0.0)
+        [ray.put(flatten(model.state_dict()))], 0, 0.0)
 
 
 
