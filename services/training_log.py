@@ -49,12 +49,12 @@ class TrainingLog:
     @classmethod
     def open(cls, cfg: Config, run_dir: str | Path, unpaired_dir: str | Path, bank: MemoryBank,
              device: torch.device, start_step: int) -> TrainingLog:
-        """Events go to ``run_dir/tensorboard``. ``start_step``: where this worker starts; TensorBoard
-        drops events from that step on (a resumed worker writes them again), and a start at 0
-        clears the stream of an earlier run."""
+        """Events go to ``run_dir/tensorboard``. ``start_step``: the steps this worker has already
+        (its checkpoint's); TensorBoard hides what an earlier attempt logged after it (this one
+        logs those steps again), and a start at 0 clears the stream of an earlier run."""
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step, flush_secs=10)
+        writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=10)
         probes = None
         if cfg.train.probe_every_pushes:
             probes = load_probe_set(unpaired_dir, cfg.train.probe_images, cfg.labelling.image_size,

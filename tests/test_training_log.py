@@ -274,3 +274,21 @@ def test_training_log_survives_redis_outage(tmp_path, caplog):
     tlog.close()
     assert [e.step for e in _events(tmp_path / "tensorboard").Scalars("loss/total")] == [1, 2]
     assert sum("Redis unreachable" in r.getMessage() for r in caplog.records) == 1  # once per outage
+
+
+def test_resumed_worker_replaces_what_it_logs_again(bank, tmp_path):
+    """A worker that died after step 4 and resumed from its checkpoint at step 2: TensorBoard
+    and the monitor's points show steps 1-5 once each, 3 and 4 from the second attempt."""
+    from services.training_log import TrainingLog
+
+    cfg = load_config("configs/smoke.yaml", [f"redis.prefix={bank.prefix}"])
+    model = _tiny_model()
+    for start, stop, value in ((0, 4, 1.0), (2, 5, 2.0)):
+        tlog = TrainingLog.open(cfg, tmp_path, tmp_path, bank, torch.device("cpu"), start_step=start)
+        for step in range(start + 1, stop + 1):
+            tlog.record(step, {"total": torch.tensor(value)}, lr=1e-3, teacher_version=0, model=model)
+        tlog.close()
+    events = _events(tmp_path / "tensorboard").Scalars("loss/total")
+    assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)]
+    points = TrainingStream(bank.client, bank.prefix).points(100)
+    assert [(p["step"], p["scalars"]["loss/total"]) for p in points] == [(e.step, e.value) for e in events]
