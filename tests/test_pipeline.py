@@ -322,6 +322,14 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     assert summary["teacher_version"] == 12
     assert summary["student_resumes"] == 1  # restarted once, from a checkpoint, not from scratch
     assert summary["max_entries_per_image"] <= 3
+    # The training log shows one pass: what the killed attempt logged after its checkpoint is
+    # hidden in TensorBoard and left out by the monitor's reader.
+    from services.redis_server import EmbeddedRedis
+    from services.training_stream import TrainingStream
+
+    assert [e.step for e in _events(tmp_path / "tensorboard").Scalars("loss/total")] == list(range(1, 25))
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        assert [p["step"] for p in TrainingStream(redis_client(server.url), "qt").points(1000)] == list(range(1, 25))
 
 
 def test_data_paths_are_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
