@@ -107,8 +107,8 @@ def fill_training(client, prefix: str, steps: int = TRAIN_STEPS) -> TrainingStre
     for step in range(1, steps + 1):
         decay = np.exp(-step / 12)
         losses = {"total": 0.05 + 0.4 * decay + 0.01 * rng.random(), "supervised": 0.03 + 0.2 * decay,
-                  "pixel": 0.02 + 0.15 * decay, "pref_rank": 0.69 - 0.3 * (1 - decay), "consistency": 0.01 * rng.random(),
-                  "q_high": 0.5 + 0.2 * (1 - decay), "q_low": 0.45}
+                  "pixel": 0.02 + 0.15 * decay, "pref_rank": 0.69 - 0.3 * (1 - decay),
+                  "consistency": 0.01 * rng.random(), "q_high": 0.5 + 0.2 * (1 - decay), "q_low": 0.45}
         scalars = step_scalars(losses, lr=2e-4, teacher_version=step // 5)
         scalars.update({"train/steps_per_s": 2.0 + 0.3 * rng.random(), "bank/labelled_sets_per_s": 5.0 + rng.random()})
         stream.add(step, scalars)

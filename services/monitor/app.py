@@ -42,8 +42,8 @@ from __future__ import annotations
 import hmac
 import html
 import io
-import json
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -61,9 +61,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protos import bank_entry_pb2 as pb
+from qualiteacher.training_log import PROBE_NAME, probe_name
 from services.bank.inputs import InputStore
 from services.bank.keys import ID_PATTERN, validate_id, validate_prefix
-from qualiteacher.training_log import probe_name
 from services.bank.store import COUNTER_NAMES, MemoryBank, decode_image
 from services.monitor.models import (
     BankStats,
@@ -81,7 +81,7 @@ from services.monitor.models import (
     WeightMap,
 )
 from services.redis_server import redact_url, redis_client
-from services.training_stream import PROBE_NAME, TrainingStream
+from services.training_stream import TrainingStream
 
 log = logging.getLogger(__name__)
 
