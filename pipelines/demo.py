@@ -56,6 +56,7 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
         print(f"{label:<22} {mean_psnr(folder, test_gt):>18.2f} {nr:>20.2f}  {folder}")
     print(controllability_line(swept, test_gt))
     print(f"\n[demo] summary: {run_dir / 'summary.json'}")
+    print(f"[demo] training curves and probe images: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 
 

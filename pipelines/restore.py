@@ -33,6 +33,7 @@ from qualiteacher.imageio import (
     write_png,
 )
 from qualiteacher.models.injection import pad_to_multiple
+from qualiteacher.progress import each, on_terminal
 
 Result = tuple[Path, str | None]
 _MIN_TILE = 32
@@ -87,11 +88,13 @@ def restore_folder(
     tile: int | None = None,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> list[Result]:
     """Restore every image of ``in_dir`` into ``out_dir``; one ``(input, error)`` per input.
 
     ``error`` is None on success. Raises (before touching any file) for a bad checkpoint,
-    score, tile or folder; per-file problems are returned instead.
+    score, tile or folder; per-file problems are returned instead. ``progress``: a bar on
+    stderr (`qualiteacher.progress`).
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     model, cfg = load_restorer(checkpoint, prefer=prefer)
@@ -102,7 +105,7 @@ def restore_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     used: dict[str, Path] = {}
-    for path in paths:
+    for path in each(paths, "restoring", progress):
         name = _output_name(path, used)
         error = _restore_one(model, path, out_dir / name, score, tile, dev)
         if error is None:
@@ -153,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         results = restore_folder(args.checkpoint, args.in_dir, args.out_dir, args.score, args.prefer,
-                                 args.tile, args.device, log=_stderr)
+                                 args.tile, args.device, log=_stderr, progress=on_terminal())
     except (CheckpointError, ValueError, OSError) as exc:
         _stderr(f"error: {exc}")
         return 2

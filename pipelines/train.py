@@ -207,6 +207,7 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "redis_url": redis_url,
             "paired_input_dir": str(data["paired_input"]), "paired_target_dir": str(data["paired_target"]),
+            "unpaired_dir": str(data["unpaired"]), "run_dir": str(run_dir.resolve()),
             "init_state": [ray.put(init_state)], "init_version": version,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),

@@ -1,6 +1,8 @@
 """The `qualiteacher` command. Each subcommand parses its arguments and calls one function.
 
 Exit codes: 0 success; 1 some inputs failed (each reported); 2 bad usage, config or set-up.
+The folder commands (score, evaluate, restore, degrade) show a progress bar on stderr when it
+is a terminal, never with --json.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from qualiteacher.config import ConfigError, load_config
+from qualiteacher.progress import on_terminal
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -128,7 +131,8 @@ def cmd_score(args) -> int:
 
     cfg = _config(_with_metrics(args))
     ensemble = IQAEnsemble.from_config(cfg)
-    results = score_files(_expand_inputs(args.files), ensemble, max_pixels=cfg.data.max_image_pixels)
+    results = score_files(_expand_inputs(args.files), ensemble, max_pixels=cfg.data.max_image_pixels,
+                          progress=on_terminal(args.json))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -146,7 +150,7 @@ def cmd_evaluate(args) -> int:
 
     cfg = _config(_with_metrics(args))
     result = evaluate_folder(Path(args.pred), IQAEnsemble.from_config(cfg), Path(args.gt) if args.gt else None,
-                             max_pixels=cfg.data.max_image_pixels)
+                             max_pixels=cfg.data.max_image_pixels, progress=on_terminal(args.json))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -167,7 +171,8 @@ def cmd_degrade(args) -> int:
 
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-    report = degrade_folder(args.task, args.seed, Path(args.in_dir), Path(args.out_dir), domain=args.domain)
+    report = degrade_folder(args.task, args.seed, Path(args.in_dir), Path(args.out_dir), domain=args.domain,
+                            progress=on_terminal())
     failed = [(p, err) for p, err in report if err]
     for path, err in failed:
         print(f"error: {err}", file=sys.stderr)
@@ -199,7 +204,7 @@ def cmd_restore(args) -> int:
 
     try:
         report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score,
-                                tile=args.tile or None)
+                                tile=args.tile or None, progress=on_terminal())
     except ValueError as exc:  # bad checkpoint (CheckpointError), score or folders: before any file is written
         raise UsageError(str(exc)) from None
     failed = [(p, err) for p, err in report if err]

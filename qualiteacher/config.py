@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from qualiteacher.method.augment import AUGMENTATIONS, Augmentation
+from qualiteacher.training_log import PROBE_NAME, probe_name
 
 WEIGHTS_ENV = "QUALITEACHER_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/qualiteacher/weights")
@@ -331,6 +332,14 @@ class TrainConfig(Strict):
     bank_wait_s: float = Field(120.0, ge=0)
     # Worker failures Ray Train recovers from (restarting from the latest checkpoint).
     max_failures: int = Field(3, ge=0)
+    # Rank 0's training log (services/training_log.py): TensorBoard events in
+    # <run_dir>/tensorboard and the monitor's stream in Redis, every this many steps.
+    log_every: int = Field(1, ge=1)
+    # Probe images, 0 = off: every this many weight pushes rank 0 restores the first
+    # `probe_images` unpaired inputs at each of `probe_scores`, for TensorBoard and the monitor.
+    probe_every_pushes: int = Field(0, ge=0)
+    probe_images: int = Field(4, ge=1, le=16)
+    probe_scores: list[float] = Field(default_factory=lambda: [3.0, 5.0, 7.0], min_length=1, max_length=8)
 
 
 class PretrainConfig(Strict):
@@ -386,6 +395,19 @@ class Config(Strict):
                 f"data.crop_size is {self.data.crop_size}, so Eq. 9 would compare each image with "
                 "itself; raise data.crop_size, add a metric that scores smaller crops to "
                 "iqa.reward_metrics, or set loss.consistency.enabled=false")
+        return self
+
+    @model_validator(mode="after")
+    def _probe_scores_on_the_scale(self) -> Config:
+        """Probe scores are conditions the model takes: distinct, on its 0..score_max scale.
+        Each probe image is named by its score (a Redis field, a monitor URL), so two scores
+        must not print alike and none in exponent notation."""
+        scores = self.train.probe_scores
+        names = [probe_name(s) for s in scores]
+        if (len(set(names)) != len(names) or not all(PROBE_NAME.fullmatch(n) for n in names)
+                or any(not 0.0 <= s <= self.model.score_max for s in scores)):
+            raise ValueError(f"train.probe_scores: need distinct scores in [0, model.score_max="
+                             f"{self.model.score_max:g}] with at most 6 decimals, got {scores}")
         return self
 
 

@@ -28,10 +28,11 @@ def reference_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_folder(pred_dir: Path, ensemble: IQAEnsemble, gt_dir: Path | None = None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """{"per_image": [...], "mean": {...}, "failed": n}; bad files are reported, not fatal."""
+                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> dict:
+    """{"per_image": [...], "mean": {...}, "failed": n}; bad files are reported, not fatal.
+    `progress`: a bar on stderr while the images are scored."""
     paths = list_images(pred_dir)
-    rows = score_files(paths, ensemble, max_pixels=max_pixels)
+    rows = score_files(paths, ensemble, max_pixels=max_pixels, progress=progress)
     for row, path in zip(rows, paths):
         if gt_dir is None or "error" in row:
             continue

@@ -9,35 +9,41 @@ import torch
 
 from qualiteacher.imageio import ImageReadError, read_image, to_tensor
 from qualiteacher.iqa.ensemble import IQAEnsemble
+from qualiteacher.progress import bar
 
 
 def score_files(paths: list[Path], ensemble: IQAEnsemble, max_pixels: int = 64_000_000,
-                batch_size: int = 8) -> list[dict]:
+                batch_size: int = 8, progress: bool = False) -> list[dict]:
     """One result per path, in order: {file, raw, normalized, ensemble} or {file, error}.
 
     Images of the same size are scored together, `batch_size` at a time, one call per metric.
+    `progress`: a bar on stderr (`qualiteacher.progress`), advanced as images are done.
     """
     results: list[dict] = [{"file": str(p)} for p in paths]
     by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
     min_side = {name: spec.min_size for name, spec in ensemble.specs.items()}
-    for i, path in enumerate(paths):
-        try:
-            image = to_tensor(read_image(path, max_pixels=max_pixels))
-        except ImageReadError as exc:
-            results[i]["error"] = str(exc)
-            continue
-        too_small = [f"{n} needs {s} px" for n, s in min_side.items() if min(image.shape[-2:]) < s]
-        if too_small:
-            h, w = image.shape[-2:]
-            results[i]["error"] = f"{path}: image is {w}x{h}, too small to score ({', '.join(too_small)})"
-            continue
-        by_shape.setdefault(tuple(image.shape), []).append((i, image))
-    for group in by_shape.values():
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            scores = _score_chunk(ensemble, torch.cat([t for _, t in chunk]), [paths[i] for i, _ in chunk])
-            for (i, _), row in zip(chunk, scores):
-                results[i].update(row)
+    with bar(len(paths), "scoring", progress) as done:
+        for i, path in enumerate(paths):
+            try:
+                image = to_tensor(read_image(path, max_pixels=max_pixels))
+            except ImageReadError as exc:
+                results[i]["error"] = str(exc)
+                done.update()
+                continue
+            too_small = [f"{n} needs {s} px" for n, s in min_side.items() if min(image.shape[-2:]) < s]
+            if too_small:
+                h, w = image.shape[-2:]
+                results[i]["error"] = f"{path}: image is {w}x{h}, too small to score ({', '.join(too_small)})"
+                done.update()
+                continue
+            by_shape.setdefault(tuple(image.shape), []).append((i, image))
+        for group in by_shape.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                scores = _score_chunk(ensemble, torch.cat([t for _, t in chunk]), [paths[i] for i, _ in chunk])
+                for (i, _), row in zip(chunk, scores):
+                    results[i].update(row)
+                done.update(len(chunk))
     return results
 
 

@@ -95,7 +95,8 @@ def step_losses(cfg, model, paired, batch: BankBatch | None, reward, rng, gen, d
                 perceptual=None) -> dict:
     """Every loss of one step (name -> tensor, with "total"): supervised on a paired batch,
     then on the bank batch the block-weighted pixel loss, perceptual, and after the warm-up
-    Eqs. 8-9. Without a bank batch (no entries yet), the supervised loss alone."""
+    Eqs. 8-9 (with the reward's batch means "q_high" and "q_low", detached, for the log).
+    Without a bank batch (no entries yet), the supervised loss alone."""
     tc, lc = cfg.train, cfg.loss
     if lc.supervised_condition == "target_score" and cfg.model.score_condition:
         x_p, y_p, s_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng, with_levels=True)
@@ -160,9 +161,11 @@ def method_losses(cfg, model, batch: BankBatch, reward, gen, initial_injection, 
     y_high = None
     if y_pair is not None:
         y_high, y_low, s_low = y_pair
-        pref, _ = preference_terms(y_high, y_low, s_low, reward, poorest_label_quality(batch, reward),
-                                   lc.preference, model, initial_injection)
+        pref, outputs = preference_terms(y_high, y_low, s_low, reward, poorest_label_quality(batch, reward),
+                                         lc.preference, model, initial_injection)
         out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
+        # The reward values themselves, for the training log (detached: not loss terms).
+        out.update({k: outputs[k].detach().mean() for k in ("q_high", "q_low")})
         total = total + pref["total"]
         if lc.preference.weight_fidelity > 0:  # entries are best first: column 0 is the best PL
             out["pref_fidelity"] = block_weighted_l1(y_high, batch.pl[:, 0], batch.weights[:, 0])

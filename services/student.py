@@ -11,7 +11,9 @@ Rank 0 keeps the EMA teacher; every `push_every` steps it packs its state into o
 buffer (`qualiteacher.flat_weights`, which Ray reads without a copy), does one `ray.put`
 and hands `(ref, version)` to the labeller, which forwards it to every teacher.
 Checkpoints (student, EMA, optimiser, step, teacher version) go through `ray.train.report`;
-a restarted run resumes from the latest one.
+a restarted run resumes from the latest one. Rank 0 also keeps the training log
+(`services/training_log.py`: TensorBoard events in the run folder, the monitor's stream and
+probe images in Redis).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank, decode_image, decode_weights
 from services.names import LABELLER
 from services.redis_server import redis_client
+from services.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     reward = reward_fn(cfg)
     perceptual = perceptual_fn(cfg, device)
     labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
+    training_log = TrainingLog.open(cfg, loop_cfg["run_dir"], loop_cfg["unpaired_dir"], bank.bank, device,
+                                    step) if rank == 0 else None
     push = None
     skipped = 0
 
@@ -186,8 +191,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         metrics.update(step=step, teacher_version=version, skipped_updates=skipped)
         if rank == 0:
             bank.report_progress(step, cfg.train.steps, metrics["total"])
+            training_log.record(step, losses, opt.param_groups[0]["lr"], version, model)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             ckpt = _save_checkpoint(model, ema, opt, step, version, cfg) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
     if push is not None:
         ray.get(push)
+    if training_log is not None:
+        training_log.close()

@@ -31,6 +31,7 @@ from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank, build_entry
 from services.monitor import create_app
 from services.redis_server import EmbeddedRedis, free_port, redis_client
+from services.training_stream import TrainingStream
 from tests.redis_fixtures import unique_prefix
 
 METRICS = ("brisque", "niqe", "piqe")
@@ -89,10 +90,43 @@ def fill_bank(bank: MemoryBank, n_images: int = 8, seed: int = 0) -> dict[str, d
     return made
 
 
+PROBE_SIDE, PROBE_IMAGES, TRAIN_STEPS = 96, 3, 40
+
+
+def fill_training(client, prefix: str, steps: int = TRAIN_STEPS) -> TrainingStream:
+    """The training log as the student's rank 0 writes it (`TrainingStream`, the core's tags):
+    decaying losses, a teacher version pushed every 5 steps, rates; and probes of sample photos
+    after the last push: the degraded inputs, and blends towards the clean photo at 3, 5 and 7."""
+    from qualiteacher.data.degradations import degrade
+    from qualiteacher.imageio import encode_png
+    from qualiteacher.probe import side_by_side
+    from qualiteacher.training_log import step_scalars
+
+    rng = np.random.default_rng(11)
+    stream = TrainingStream(client, prefix)
+    for step in range(1, steps + 1):
+        decay = np.exp(-step / 12)
+        losses = {"total": 0.05 + 0.4 * decay + 0.01 * rng.random(), "supervised": 0.03 + 0.2 * decay,
+                  "pixel": 0.02 + 0.15 * decay, "pref_rank": 0.69 - 0.3 * (1 - decay),
+                  "consistency": 0.01 * rng.random(), "q_high": 0.5 + 0.2 * (1 - decay), "q_low": 0.45}
+        scalars = step_scalars(losses, lr=2e-4, teacher_version=step // 5)
+        scalars.update({"train/steps_per_s": 2.0 + 0.3 * rng.random(), "bank/labelled_sets_per_s": 5.0 + rng.random()})
+        stream.add(step, scalars)
+    clean = np.stack([img for _, img in _photos(PROBE_IMAGES, PROBE_SIDE)])
+    degraded = np.stack([degrade(img, "haze", np.random.default_rng(i)) for i, img in enumerate(clean)])
+    probes = {"input": degraded}
+    for score in (3, 5, 7):
+        probes[str(score)] = np.clip(degraded + score / 10 * (clean.astype(float) - degraded), 0, 255).astype(np.uint8)
+    stream.put_probes(steps, steps // 5, {name: encode_png(side_by_side(batch)) for name, batch in probes.items()},
+                      PROBE_IMAGES, PROBE_SIDE, PROBE_SIDE)
+    return stream
+
+
 @pytest.fixture(scope="module")
 def filled(redis_server: EmbeddedRedis) -> Iterator[tuple[MemoryBank, dict]]:
     bank = MemoryBank(redis_server.client(), prefix=unique_prefix(), top_k=3)
     made = fill_bank(bank)
+    fill_training(bank.client, bank.prefix)
     assert bank.check_invariants() == []
     yield bank, made
     bank.clear()
@@ -269,6 +303,66 @@ def test_input_png(api, filled):
     assert _png(api.get(f"/bank/images/{image_id}/input.png", params={"size": 48})).shape == (48, 48, 3)
 
 
+# ---------------------------------------------------------------------------- training
+def test_training_endpoint_matches_the_stream(api, filled, redis_url):
+    import json
+
+    bank, _ = filled
+    body = api.get("/api/training").json()
+    raw = bank.client.xrange(bank.keys.train)  # the stream itself, not through the app's reader
+    assert len(raw) == len(body["points"]) == TRAIN_STEPS
+    for point, (entry_id, fields) in zip(body["points"], raw):
+        assert point["step"] == int(fields[b"step"])
+        assert point["time_ms"] == int(entry_id.decode().split("-")[0])
+        assert point["scalars"] == pytest.approx({k.decode(): float(v) for k, v in fields.items() if k != b"step"})
+    assert body["tags"] == sorted({k.decode() for _, f in raw for k in f} - {"step"})
+    assert {"loss/total", "reward/q_high", "train/teacher_version", "train/lr"} <= set(body["tags"])
+    meta = json.loads(bank.client.hget(bank.keys.train_probe, "meta"))
+    probe = body["probe"]
+    assert (probe["step"], probe["teacher_version"], probe["images"], probe["width"], probe["height"]) == (
+        meta["step"], meta["teacher_version"], PROBE_IMAGES, PROBE_SIDE, PROBE_SIDE)
+    assert [(i["name"], i["score"]) for i in probe["items"]] == [("input", None), ("3", 3.0), ("5", 5.0), ("7", 7.0)]
+    assert api.get("/api/training", params={"limit": 5}).json()["points"] == body["points"][-5:]
+    for limit in (0, 10_001, "x"):
+        r = api.get("/api/training", params={"limit": limit})
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request", limit
+    with TestClient(create_app(redis_url, prefix=bank.prefix)) as restarted:  # the data lives in Redis
+        assert restarted.get("/api/training").json() == body
+
+
+def test_probe_pngs_are_the_stored_strips(api, filled):
+    bank, _ = filled
+    items = api.get("/api/training").json()["probe"]["items"]
+    for item in items:
+        r = api.get(item["url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.content == bank.client.hget(bank.keys.train_probe, f"png:{item['name']}")
+        assert _png(r).shape == (PROBE_SIDE, PROBE_IMAGES * PROBE_SIDE, 3)
+    assert api.get("/api/training/probe/3.0.png").content == api.get("/api/training/probe/3.png").content
+    etag = api.get("/api/training/probe/7.png").headers["etag"]
+    again = api.get("/api/training/probe/7.png", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and not again.content
+    assert api.get("/api/training/probe/6.png").status_code == 404
+    for bad in ("a:b", "-1", "1e5", "3.5.5", "inputs", "%2A", "1234567"):
+        r = api.get(f"/api/training/probe/{bad}.png")
+        assert r.status_code == 422 and r.json()["error"] == "invalid_probe", bad
+
+
+def test_training_before_any_log(bank, redis_url):
+    with TestClient(create_app(redis_url, prefix=bank.prefix)) as c:
+        assert c.get("/api/training").json() == {"points": [], "tags": [], "probe": None}
+        r = c.get("/api/training/probe/input.png")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_bad_probe_record_is_no_probe(bank, redis_url):
+    """A probe record the monitor cannot read leaves the panel without probes, not a 500."""
+    bank.client.hset(bank.keys.train_probe, mapping={"meta": b"\x80not json", "png:3": b"x"})
+    with TestClient(create_app(redis_url, prefix=bank.prefix)) as c:
+        assert c.get("/api/training").json()["probe"] is None
+        assert c.get("/api/training/probe/3.png").status_code == 404
+
+
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
 
@@ -319,7 +413,8 @@ def test_metrics(api, filled):
 def test_read_only(api, filled, method):
     bank, made = filled
     before = bank.stats()
-    for path in ("/bank/stats", "/bank/images", f"/bank/images/{next(iter(made))}", "/healthz"):
+    for path in ("/bank/stats", "/bank/images", f"/bank/images/{next(iter(made))}", "/healthz", "/api/training",
+                 "/api/training/probe/3.png"):
         r = api.request(method, path)
         assert r.status_code == 405, (method, path)
     assert bank.stats() == before
@@ -345,7 +440,7 @@ def test_openapi_lists_the_endpoints(api):
     paths = set(api.get("/openapi.json").json()["paths"])
     assert {"/healthz", "/bank/stats", "/bank/images", "/bank/images/{image_id}",
             "/bank/images/{image_id}/entries/{rank}.png", "/bank/images/{image_id}/input.png",
-            "/metrics"} <= paths
+            "/metrics", "/api/training", "/api/training/probe/{name}.png"} <= paths
     assert api.get("/docs").status_code == 404  # Swagger UI would need a CDN
 
 
@@ -356,7 +451,8 @@ def test_token_required_everywhere(filled, redis_url):
     image_id = next(iter(made))
     paths = ["/", "/static/app.js", "/static/app.css", "/healthz", "/bank/stats", "/bank/images",
              f"/bank/images/{image_id}", f"/bank/images/{image_id}/entries/0.png",
-             f"/bank/images/{image_id}/input.png", "/metrics", "/openapi.json", "/nope"]
+             f"/bank/images/{image_id}/input.png", "/metrics", "/openapi.json", "/nope", "/api/training",
+             "/api/training/probe/7.png"]
     with TestClient(create_app(redis_url, prefix=bank.prefix, token=token)) as c:
         for path in paths:
             for headers, params in (({}, {}), ({"Authorization": "Bearer wrong"}, {}), ({}, {"token": "wrong"}),
@@ -389,7 +485,7 @@ def test_503_when_nothing_listens():
     with TestClient(create_app(url)) as c:
         t0 = time.monotonic()
         for path in ("/healthz", "/bank/stats", "/bank/images", "/bank/images/x", "/bank/images/x/entries/0.png",
-                     "/bank/images/x/input.png"):
+                     "/bank/images/x/input.png", "/api/training", "/api/training/probe/3.png"):
             r = c.get(path)
             assert r.status_code == 503, path
             body = r.json()
@@ -615,6 +711,21 @@ def test_page_renders_in_chromium(served, filled, tmp_path):
                 what="the history charts after a refresh")
         shot = wd.screenshot(tmp_path / "monitor-grid.png")
 
+        # The training panel: a curve per loss term, the teacher version, the probes at 3/5/7.
+        assert wd.js("return document.getElementById('train-empty').hidden") is True
+        curves = wd.js("return [...document.querySelectorAll('#train-loss path')].map(p => p.dataset.tag)")
+        assert curves == ["loss/total", "loss/consistency", "loss/pixel", "loss/pref_rank", "loss/supervised"]
+        assert wd.js("return document.getElementById('tv-version').textContent") == f"v{TRAIN_STEPS // 5}"
+        assert wd.js("return document.querySelectorAll('#train-version path').length") == 2
+        assert wd.js("return document.getElementById('train-step').textContent") == f"· step {TRAIN_STEPS}"
+        wd.wait(f"return [...document.querySelectorAll('#train-probes img')].filter(i => i.complete && "
+                f"i.naturalWidth === {PROBE_IMAGES * PROBE_SIDE}).length === 4", what="the probe strips loaded")
+        probes = wd.js("return [...document.querySelectorAll('#train-probes .probe-row')].map(r => "
+                       "[r.dataset.probe, r.querySelector('.probe-label').textContent])")
+        assert probes == [["input", "input"], ["3", "score 3"], ["5", "score 5"], ["7", "score 7"]]
+        wd.js("window.scrollTo(0, document.getElementById('training').offsetTop - 70)")  # below the sticky bar
+        training = wd.screenshot(tmp_path / "monitor-training.png")
+
         wd.js("document.querySelector('#grid .card').click()")
         wd.wait("return document.querySelectorAll('#d-strip .shot img').length === 4", what="input + top-3")
         wd.wait("return [...document.querySelectorAll('#d-strip img')].every(i => i.complete && i.naturalWidth > 0)",
@@ -626,13 +737,13 @@ def test_page_renders_in_chromium(served, filled, tmp_path):
         badges = wd.js("return [...document.querySelectorAll('#d-strip .shot .score')].map(b => b.textContent)")
         assert badges == [f"{e.ensemble:.2f}" for e in bank.entries(first)]
         detail = wd.screenshot(tmp_path / "monitor-detail.png")
-        for path in (shot, detail):
+        for path in (shot, training, detail):
             with Image.open(path) as img:
                 assert img.size[0] >= 1000 and img.getextrema() != ((0, 0), (0, 0), (0, 0))
         if os.environ.get("QT_MONITOR_SCREENSHOT_DIR"):  # keep copies for a person to look at
             out = Path(os.environ["QT_MONITOR_SCREENSHOT_DIR"])
             out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, out / shot.name)
-            shutil.copy(detail, out / detail.name)
+            for path in (shot, training, detail):
+                shutil.copy(path, out / path.name)
     finally:
         wd.close()

@@ -24,8 +24,19 @@ def smoke_run(ray_cluster, weights_dir, tmp_path_factory):
     from pipelines.train import run
 
     run_dir = tmp_path_factory.mktemp("smoke")
-    summary = run(_cfg("smoke-a"), run_dir)
+    summary = run(_cfg("smoke-a", *PROBES), run_dir)
     return run_dir, summary
+
+
+PROBES = ("train.probe_every_pushes=2", "train.probe_images=2")  # probes after steps 4 and 8
+
+
+def _events(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    return acc
 
 
 def test_smoke_run_fills_bank_and_advances_teachers(smoke_run):
@@ -71,6 +82,48 @@ def test_smoke_run_offers_few_duplicates(smoke_run):
     assert counters["duplicates"] <= 0.05 * counters["candidates"], counters
 
 
+def test_smoke_run_training_log(smoke_run):
+    """TensorBoard's own reader finds every scalar and the probe images of the real run; the
+    Redis stream holds the same numbers, and the monitor's training endpoint serves them."""
+    from fastapi.testclient import TestClient
+
+    from qualiteacher.imageio import decode_png
+    from services.monitor import create_app
+    from services.redis_server import EmbeddedRedis
+    from services.training_stream import TrainingStream
+
+    run_dir, summary = smoke_run
+    acc = _events(run_dir / "tensorboard")
+    tags = acc.Tags()
+    losses = acc.Scalars("loss/total")
+    assert [e.step for e in losses] == list(range(1, 9))
+    assert [e.value for e in acc.Scalars("train/teacher_version")] == [s // 2 for s in range(1, 9)]
+    assert {"loss/supervised", "loss/pixel", "loss/pref_rank", "loss/consistency", "reward/q_high", "reward/q_low",
+            "train/lr", "train/steps_per_s", "bank/images", "bank/entries", "bank/drop_rate/total",
+            "bank/labelled_sets_per_s"} <= set(tags["scalars"])
+    assert acc.Scalars("train/lr")[0].value == pytest.approx(2e-4)
+    assert "bank/score_histogram" in tags["histograms"]
+    assert 0 < sum(acc.Histograms("bank/score_histogram")[-1].histogram_value.bucket) <= summary["bank_entries"]
+    assert set(tags["images"]) == {"probe/input", "probe/score_3", "probe/score_5", "probe/score_7"}
+    assert [e.step for e in acc.Images("probe/score_7")] == [4, 8]
+    tb_probe = acc.Images("probe/score_7")[-1]
+
+    with EmbeddedRedis(run_dir / "redis") as server, TestClient(create_app(server.url)) as api:
+        stream = TrainingStream(redis_client(server.url), "qt")
+        points = stream.points(1000)
+        assert [p["step"] for p in points] == list(range(1, 9))
+        for point, event in zip(points, losses):
+            assert point["scalars"]["loss/total"] == pytest.approx(event.value)
+        body = api.get("/api/training").json()
+        assert body["points"] == points and set(body["tags"]) == set(points[-1]["scalars"])
+        assert body["probe"]["step"] == 8 and body["probe"]["teacher_version"] == 4
+        assert [i["name"] for i in body["probe"]["items"]] == ["input", "3", "5", "7"]
+        png = api.get(body["probe"]["items"][-1]["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        # The strip the monitor shows is the grid TensorBoard stored, pixel for pixel.
+        np.testing.assert_array_equal(decode_png(png.content), decode_png(tb_probe.encoded_image_string))
+
+
 def test_resume_continues_steps_and_versions(smoke_run):
     from pipelines.train import run
 
@@ -81,6 +134,13 @@ def test_resume_continues_steps_and_versions(smoke_run):
     assert summary["bank_images"] >= first["bank_images"]  # the bank in Redis was reused
     assert summary["checkpoint"] != first["checkpoint"]
     assert summary["student_resumes"] == 1
+    # The training log goes on where it stopped: steps 1-12 once each, in TensorBoard and Redis.
+    assert [e.step for e in _events(run_dir / "tensorboard").Scalars("loss/total")] == list(range(1, 13))
+    from services.redis_server import EmbeddedRedis
+    from services.training_stream import TrainingStream
+
+    with EmbeddedRedis(run_dir / "redis") as server:
+        assert [p["step"] for p in TrainingStream(redis_client(server.url), "qt").points(1000)] == list(range(1, 13))
 
 
 def _fake_sets(n_images: int, seed: int):
@@ -263,6 +323,14 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     assert summary["teacher_version"] == 12
     assert summary["student_resumes"] == 1  # restarted once, from a checkpoint, not from scratch
     assert summary["max_entries_per_image"] <= 3
+    # The training log shows one pass: what the killed attempt logged after its checkpoint is
+    # hidden in TensorBoard and left out by the monitor's reader.
+    from services.redis_server import EmbeddedRedis
+    from services.training_stream import TrainingStream
+
+    assert [e.step for e in _events(tmp_path / "tensorboard").Scalars("loss/total")] == list(range(1, 25))
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        assert [p["step"] for p in TrainingStream(redis_client(server.url), "qt").points(1000)] == list(range(1, 25))
 
 
 def test_data_paths_are_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from services.bank.store import MemoryBank
 from services.monitor import create_app
 from services.redis_server import EmbeddedRedis, free_port
 from tests.redis_fixtures import unique_prefix
-from tests.test_monitor import fill_bank
+from tests.test_monitor import fill_bank, fill_training
 
 REPO = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("qualiteacher", "services", "pipelines")
@@ -43,6 +43,7 @@ EXAMPLES_PER_OPERATION = 40
 def filled(redis_server):
     bank = MemoryBank(redis_server.client(), prefix=unique_prefix(), top_k=3)
     made = fill_bank(bank, n_images=4)
+    fill_training(bank.client, bank.prefix, steps=10)
     yield bank, made
     bank.clear()
     bank.client.close()
@@ -90,11 +91,14 @@ def test_openapi_fuzz_no_server_errors(filled, redis_server):
             fuzz(f"{op.label} [{mode.value}]", op.as_strategy(mode))
         if "{image_id}" in op.path:  # and with an id that exists, so that ranks and sizes hit real PNGs
             fuzz(f"{op.label} [{real_id}]", op.as_strategy(path_parameters={"image_id": real_id}))
+        if "{name}" in op.path:  # and a probe that exists
+            fuzz(f"{op.label} [7]", op.as_strategy(path_parameters={"name": "7"}))
     elapsed = time.monotonic() - t0
     print(f"schemathesis: {calls} requests over {len(operations)} operations in {elapsed:.1f} s")
     assert not failures, "\n\n".join(failures[:5])
     assert all(code < 500 for codes in statuses.values() for code in codes), statuses
     assert 200 in statuses[f"GET /bank/images/{{image_id}}/entries/{{rank}}.png [{real_id}]"]  # reached real data
+    assert 200 in statuses["GET /api/training/probe/{name}.png [7]"]
 
 
 # ---------------------------------------------------------------------------- (b) ids

@@ -98,6 +98,11 @@ def test_shared_forward_step_equals_one_forward_per_condition(fidelity):
     reference_model = copy.deepcopy(model)
     reference = _reference(cfg, reference_model, paired, batch, torch.Generator().manual_seed(5), initial)
     torch.testing.assert_close(shared["total"], reference, rtol=1e-5, atol=1e-6)
+    # The reward values ride along for the training log, detached (never a loss term).
+    assert not shared["q_high"].requires_grad and not shared["q_low"].requires_grad
+    with torch.no_grad():
+        q_high = _reward(model(batch.x, cfg.model.score_cap)).mean()
+    torch.testing.assert_close(shared["q_high"], q_high, rtol=1e-5, atol=1e-6)
     shared["total"].backward()
     reference.backward()
     for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):

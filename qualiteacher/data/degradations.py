@@ -30,6 +30,7 @@ from skimage.draw import line_aa
 from skimage.transform import resize
 
 from qualiteacher.imageio import ImageReadError, list_images, read_image, write_png
+from qualiteacher.progress import each
 
 TASKS: tuple[str, ...] = ("snow", "rain", "haze", "lowlight", "underwater")
 DOMAINS: tuple[str, ...] = ("paired", "unpaired")
@@ -225,8 +226,10 @@ def degrade_folder(
     in_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     domain: str = "paired",
+    progress: bool = False,
 ) -> list[tuple[Path, str | None]]:
-    """Write a degraded PNG ``out_dir/<stem>.png`` for every image in ``in_dir``.
+    """Write a degraded PNG ``out_dir/<stem>.png`` for every image in ``in_dir``
+    (``progress``: a bar on stderr, `qualiteacher.progress`).
 
     Returns one ``(input path, error)`` per input, ``error`` None on success. A file that
     cannot be read or written, or whose stem collides with an earlier file's, is reported
@@ -237,7 +240,8 @@ def degrade_folder(
     out_dir = Path(out_dir)
     results: list[tuple[Path, str | None]] = []
     claimed: dict[str, Path] = {}
-    for path in list_images(in_dir):
+    paths = list_images(in_dir)
+    for path in each(paths, "degrading", progress):
         if path.stem in claimed:
             results.append((path, f"{path}: output {path.stem}.png already written for {claimed[path.stem].name}"))
             continue

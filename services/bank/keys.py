@@ -22,6 +22,13 @@ key                                    type     contents
                                                 ``hist:0`` .. ``hist:9``, ``drop:{reason}``
 ``P:meta``                             hash     teacher_version, scorer_count, top_k
 ``P:events``                           stream   one event per gate call (capped, MAXLEN ~)
+``P:train``                            stream   the student's training log, one entry per logged
+                                                step: ``step`` and a float per tag of
+                                                ``qualiteacher.training_log`` (capped, MAXLEN ~;
+                                                written by rank 0, read by the monitor)
+``P:train:probe``                      hash     the latest probe images: ``meta`` (JSON: step,
+                                                teacher version, scores, sizes) and
+                                                ``png:{name}`` (PNG bytes; ``input`` or a score)
 =====================================  =======  ============================================
 """
 
@@ -107,6 +114,15 @@ class BankKeys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    # the training log (services/training_stream.py)
+    @property
+    def train(self) -> str:
+        return f"{self.prefix}:train"
+
+    @property
+    def train_probe(self) -> str:
+        return f"{self.prefix}:train:probe"
 
     # patterns for SCAN (diagnostics only; ids cannot contain glob characters)
     def rank_pattern(self) -> str:

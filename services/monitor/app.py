@@ -12,6 +12,9 @@ schema is at ``/openapi.json``):
 ``/bank/images/{image_id}/entries/{rank}.png``  an entry's pseudo-label (rank 0 is the best);
                                                 ``?size=N`` (16-512) for a thumbnail
 ``/bank/images/{image_id}/input.png``           the degraded input (``?size=`` too)
+``/api/training?limit=``                        the student's training log: points (step, time,
+                                                scalars by tag) and the latest probe images
+``/api/training/probe/{name}.png``              a probe strip: ``input`` or a score (``3``, ``5``...)
 ``/metrics``                                    Prometheus text format (0.0.4)
 ==============================================  ================================================
 
@@ -23,8 +26,11 @@ Behaviour:
   a traceback. ``/metrics`` still answers 200 then, with ``qualiteacher_redis_up 0``, as
   Prometheus expects of an exporter whose target is down.
 * **Ids.** Image ids must pass :func:`services.bank.keys.validate_id` (else 422), so they
-  can name no other key; ranks and sizes are bounded integers; PNGs come from Redis, never
-  from a file path.
+  can name no other key; probe names must match ``PROBE_NAME``; ranks and sizes are bounded
+  integers; PNGs come from Redis, never from a file path.
+* **Training.** The student's rank 0 writes the training log to Redis
+  (:mod:`services.training_stream`); the monitor only reads it, so the panel shows the same
+  after a monitor restart, and after the job has ended.
 * **Token.** With ``token`` set, every request (the page, its assets and ``/openapi.json``
   included) needs ``Authorization: Bearer <token>`` or ``?token=<token>`` (compared with
   :func:`hmac.compare_digest`), else 401. The page forwards a ``?token=`` it was opened
@@ -37,6 +43,7 @@ import hmac
 import html
 import io
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -54,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protos import bank_entry_pb2 as pb
+from qualiteacher.training_log import PROBE_NAME, probe_name
 from services.bank.inputs import InputStore
 from services.bank.keys import ID_PATTERN, validate_id, validate_prefix
 from services.bank.store import COUNTER_NAMES, MemoryBank, decode_image
@@ -66,9 +74,14 @@ from services.monitor.models import (
     ImageDetail,
     ImagePage,
     ImageSummary,
+    ProbeImage,
+    ProbeInfo,
+    TrainingHistory,
+    TrainingPoint,
     WeightMap,
 )
 from services.redis_server import redact_url, redis_client
+from services.training_stream import TrainingStream
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +89,7 @@ MAX_PAGE = 200
 MAX_THUMB = 512
 MIN_THUMB = 16
 MAX_RANK = 63
+MAX_POINTS = 10_000
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 STATIC = resources.files("services.monitor").joinpath("static")
 
@@ -197,6 +211,35 @@ def _entry_png(entry: pb.BankEntry, size: int | None) -> bytes:
     return buf.getvalue()
 
 
+def _probe_info(raw: bytes | None) -> ProbeInfo | None:
+    """The latest probe's metadata (JSON written by the student), or None where there is
+    none or it does not parse: a bad record must not turn the panel into a 500."""
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+        items = []
+        for name in meta["names"]:
+            if not isinstance(name, str) or not PROBE_NAME.fullmatch(name):
+                raise ValueError(f"bad probe name {name!r}")
+            items.append(ProbeImage(name=name, score=None if name == "input" else float(name),
+                                    url=f"/api/training/probe/{name}.png?v={int(meta['step'])}"))
+        return ProbeInfo(step=meta["step"], teacher_version=meta["teacher_version"], time_ms=meta["time_ms"],
+                         images=meta["images"], width=meta["width"], height=meta["height"], items=items)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("unreadable probe record: %s", exc)
+        return None
+
+
+def _probe_name(name: str) -> str:
+    """``input`` or a score in the form the student names it (``3.0`` -> ``3``), else 422."""
+    if PROBE_NAME.fullmatch(name) and name != "input":
+        name = probe_name(float(name))
+    if not PROBE_NAME.fullmatch(name):
+        raise ApiError(422, "invalid_probe", f"invalid probe name: 'input' or a score matching {PROBE_NAME.pattern}")
+    return name
+
+
 def _png_response(data: bytes, etag: str | None = None) -> Response:
     headers = {"Cache-Control": "no-cache"}
     if etag:
@@ -229,6 +272,7 @@ def create_app(
                               socket_timeout_s=2.0, connect_timeout_s=1.0)
     bank = MemoryBank(client, prefix=prefix)  # registering scripts does not touch Redis
     inputs = InputStore(client, prefix)
+    training = TrainingStream(client, prefix)
     safe_url = redact_url(redis_url)
 
     app = FastAPI(
@@ -410,6 +454,36 @@ def create_app(
         if raw is None:
             raise ApiError(404, "not_found", f"no input stored for image {image_id!r}")
         return _png_response(_png_bytes(raw, size), etag=f'"input-{size or 0}"')
+
+    # ------------------------------------------------------------------ training
+    @app.get("/api/training", response_model=TrainingHistory, responses=ERROR_RESPONSES | {422: ID_RESPONSES[422]},
+             tags=["training"])
+    def training_history(
+        limit: Annotated[int, Query(ge=1, le=MAX_POINTS, description=f"newest points, at most {MAX_POINTS}")] = 2000,
+    ) -> TrainingHistory:
+        """The student's training log: scalars per logged step, and the latest probe images."""
+        points = [TrainingPoint(**p) for p in training.points(limit)]
+        tags = sorted({tag for p in points for tag in p.scalars})
+        probe = _probe_info(training.probe()[0])
+        return TrainingHistory(points=points, tags=tags, probe=probe)
+
+    @app.get("/api/training/probe/{name}.png", response_class=Response, responses=PNG_RESPONSES | {
+        404: {"model": ErrorResponse, "description": "no probe image of that name yet"}}, tags=["training"])
+    def probe_png(
+        request: Request,
+        name: Annotated[str, Path(description="'input' or a probe score (3, 5, 7, ...)",
+                                  json_schema_extra={"pattern": PROBE_NAME.pattern})],
+    ) -> Response:
+        """The latest probe images at one score (or their inputs), side by side, as PNG."""
+        name = _probe_name(name)
+        meta, data = training.probe(name)
+        info = _probe_info(meta)
+        if data is None or info is None:
+            raise ApiError(404, "not_found", f"no probe image {name!r} yet")
+        etag = f'"probe-{info.step}-{name}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
+        return _png_response(data, etag)
 
     # ------------------------------------------------------------------ Prometheus
     @app.get("/metrics", response_class=PlainTextResponse, tags=["monitor"],

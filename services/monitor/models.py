@@ -91,3 +91,34 @@ class ImageDetail(BaseModel):
     image_id: str
     entries: list[EntryInfo]
     input_url: str | None = Field(description="URL of the degraded input, when one is stored")
+
+
+class TrainingPoint(BaseModel):
+    step: int = Field(description="the student's step (1-based)")
+    time_ms: int = Field(description="when rank 0 logged it (ms since the epoch)")
+    scalars: dict[str, float | None] = Field(
+        description="tag -> value (loss/..., reward/..., train/..., bank/...; see qualiteacher/training_log.py); "
+                    "null where the value was not finite")
+
+
+class ProbeImage(BaseModel):
+    name: str = Field(description="'input' or the score the probe inputs were restored at")
+    score: float | None = Field(description="the score; null for the inputs")
+    url: str = Field(description="the PNG: the probe images side by side")
+
+
+class ProbeInfo(BaseModel):
+    step: int = Field(description="the step the probe was made after")
+    teacher_version: int
+    time_ms: int
+    images: int = Field(description="probe images in each strip")
+    width: int = Field(description="width of one probe image (a strip is images x width wide)")
+    height: int
+    items: list[ProbeImage]
+
+
+class TrainingHistory(BaseModel):
+    points: list[TrainingPoint] = Field(description="the newest points, oldest first; where a resumed student "
+                                                    "went back over steps, only its latest pass")
+    tags: list[str] = Field(description="every tag in points, sorted")
+    probe: ProbeInfo | None = Field(description="the latest probe images; null before the first probe")

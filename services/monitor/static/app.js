@@ -4,7 +4,8 @@
  * stats in this browser (sessionStorage) for the "over time" charts; a click on a
  * thumbnail opens the image's top-k beside its degraded input with per-metric scores.
  * A ?token= the page was opened with is sent along as a Bearer header (API) and as
- * ?token= on image URLs.
+ * ?token= on image URLs. The training panel draws /api/training: what the student's rank 0
+ * logged into Redis (loss curves, teacher version, rates by step) and its latest probes.
  */
 "use strict";
 
@@ -14,6 +15,9 @@
   const HISTORY_MAX = 400;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const LOWER_IS_BETTER = new Set(["brisque", "niqe", "piqe"]);
+  const TRAIN_POINTS = 1000;
+  const LOSS_COLOURS = ["#58a6ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff9bce", "#e3b341",
+    "#a5d6ff", "#8d99a8"];
 
   const state = {
     sort: "score",
@@ -29,6 +33,7 @@
     busy: false,
     history: [],
     historyKey: null,
+    probeKey: "",
   };
 
   // ------------------------------------------------------------------ helpers
@@ -80,6 +85,13 @@
     if (x === null || x === undefined || !isFinite(x)) return "–";
     const a = Math.abs(x);
     return a >= 100 ? x.toFixed(1) : a >= 10 ? x.toFixed(2) : x.toFixed(3);
+  }
+
+  /** An axis label: two significant digits, exponent notation for very small or large values. */
+  function fmtTick(x) {
+    const a = Math.abs(x);
+    if (a === 0) return "0";
+    return a < 0.01 || a >= 1e4 ? x.toExponential(1) : String(Number(x.toPrecision(2)));
   }
 
   function fmtAge(s) {
@@ -269,7 +281,7 @@
       svg("path", { d: area, fill: opts.colour, "fill-opacity": "0.12", stroke: "none" }),
       svg("path", { d, fill: "none", stroke: opts.colour, "stroke-width": "1.8", "vector-effect": "non-scaling-stroke" }),
       svg("text", { x: W - P, y: 12, "text-anchor": "end" }, "max " + opts.label(Math.max(...ys))),
-      svg("text", { x: P, y: 12 }, fmtAge((t1 - t0) / 1000) + " ago"),
+      svg("text", { x: P, y: 12 }, opts.span ? opts.span(t0, t1) : fmtAge((t1 - t0) / 1000) + " ago"),
     );
   }
 
@@ -299,6 +311,104 @@
       ["events kept", s.events],
     ];
     $("counters").replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("td", { text: k }), el("td", { text: fmtInt(v) }))));
+  }
+
+  // ------------------------------------------------------------------ training
+  /** [{x: step, y}] of one tag, leaving out steps where it is missing or not finite. */
+  function series(points, tag) {
+    return points.filter((p) => p.scalars[tag] !== null && p.scalars[tag] !== undefined)
+      .map((p) => ({ x: p.step, y: p.scalars[tag] }));
+  }
+
+  const stepSpan = (a, b) => `steps ${fmtInt(a)}–${fmtInt(b)}`;
+
+  /** Every loss/* tag as a line over steps; log scale when every value is positive. */
+  function renderLosses(t) {
+    const W = 640, H = 200, L = 46, R = 10, T = 10, B = 22;
+    const tags = t.tags.filter((g) => g.startsWith("loss/"))
+      .sort((a, b) => (a === "loss/total" ? -1 : b === "loss/total" ? 1 : a.localeCompare(b)));
+    const lines = tags.map((tag) => ({ tag, pts: series(t.points, tag) })).filter((l) => l.pts.length);
+    const ys = lines.flatMap((l) => l.pts.map((p) => p.y));
+    const xs = lines.flatMap((l) => l.pts.map((p) => p.x));
+    const root = $("train-loss");
+    if (!ys.length) {
+      root.replaceChildren(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no losses yet"));
+      $("train-legend").replaceChildren();
+      return;
+    }
+    const log = ys.every((y) => y > 0);
+    const f = log ? Math.log10 : (y) => y;
+    let lo = Math.min(...ys.map(f)), hi = Math.max(...ys.map(f));
+    if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
+    const x0 = Math.min(...xs), x1 = Math.max(...xs);
+    const sx = (x) => L + (W - L - R) * (x1 > x0 ? (x - x0) / (x1 - x0) : 1);
+    const sy = (y) => T + (H - T - B) * (1 - (f(y) - lo) / (hi - lo));
+    const nodes = [];
+    for (const v of [lo, (lo + hi) / 2, hi]) {
+      const y = T + (H - T - B) * (1 - (v - lo) / (hi - lo));
+      nodes.push(svg("line", { x1: L, x2: W - R, y1: y, y2: y, class: "axis", "stroke-dasharray": "2 3" }));
+      nodes.push(svg("text", { x: L - 4, y: y + 3, "text-anchor": "end" }, fmtTick(log ? 10 ** v : v)));
+    }
+    nodes.push(svg("text", { x: L, y: H - 6 }, "step " + fmtInt(x0)));
+    nodes.push(svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, "step " + fmtInt(x1)));
+    const legend = [];
+    lines.forEach((l, i) => {
+      const colour = LOSS_COLOURS[i % LOSS_COLOURS.length];
+      const d = l.pts.map((p, j) => `${j ? "L" : "M"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join("");
+      nodes.push(svg("path", { d, fill: "none", stroke: colour, "stroke-width": l.tag === "loss/total" ? "2.4" : "1.4",
+        "vector-effect": "non-scaling-stroke", "data-tag": l.tag }));
+      const sw = el("span", { class: "sw" });
+      sw.style.background = colour;
+      legend.push(el("span", { class: "lg", title: l.tag }, sw, l.tag.slice(5) + " ",
+        el("b", { text: fmtNum(l.pts[l.pts.length - 1].y) })));
+    });
+    root.replaceChildren(...nodes);
+    $("train-legend").replaceChildren(...legend);
+    $("train-scale").textContent = log ? "log scale" : "linear scale";
+  }
+
+  function renderRates(t) {
+    const last = (pts) => (pts.length ? pts[pts.length - 1].y : null);
+    const versions = series(t.points, "train/teacher_version");
+    renderSpark("train-version", versions, { colour: "#58a6ff", step: true, minSpan: 1, span: stepSpan,
+      min: versions.length ? Math.min(...versions.map((p) => p.y)) : 0, label: (v) => "v" + Math.round(v) });
+    $("tv-version").textContent = last(versions) === null ? "–" : "v" + Math.round(last(versions));
+    for (const [id, tag, out] of [["train-speed", "train/steps_per_s", "tv-speed"],
+      ["train-sets", "bank/labelled_sets_per_s", "tv-sets"]]) {
+      const pts = series(t.points, tag);
+      renderSpark(id, pts, { colour: id === "train-speed" ? "#3fb950" : "#d29922", min: 0, minSpan: 0.1,
+        span: stepSpan, label: fmtNum });
+      $(out).textContent = fmtNum(last(pts));
+    }
+  }
+
+  function renderProbes(probe) {
+    const key = probe ? JSON.stringify([probe.step, probe.items.map((i) => i.url)]) : "none";
+    if (key === state.probeKey) return;
+    state.probeKey = key;
+    if (!probe) {
+      $("probe-caption").textContent = "none yet (train.probe_every_pushes)";
+      $("train-probes").replaceChildren();
+      return;
+    }
+    $("probe-caption").textContent = `step ${fmtInt(probe.step)} · teacher v${probe.teacher_version} · ` +
+      `${probe.images} image${probe.images > 1 ? "s" : ""}`;
+    $("train-probes").replaceChildren(...probe.items.map((item) => el("div", {
+      class: "probe-row" + (item.score === null ? " input" : ""), "data-probe": item.name,
+    }, el("span", { class: "probe-label", text: item.score === null ? "input" : "score " + item.name }),
+    el("img", { src: withToken(item.url), alt: item.score === null ? "probe inputs" : "restored at score " + item.name }))));
+  }
+
+  function renderTraining(t) {
+    const empty = !t.points.length && !t.probe;
+    $("train-empty").hidden = !empty;
+    $("train-body").hidden = empty;
+    if (empty) return;
+    const last = t.points[t.points.length - 1];
+    $("train-step").textContent = last ? `· step ${fmtInt(last.step)}` : "";
+    renderLosses(t);
+    renderRates(t);
+    renderProbes(t.probe);
   }
 
   // ------------------------------------------------------------------ detail
@@ -427,9 +537,10 @@
     if (state.busy) return;
     state.busy = true;
     try {
-      const [stats, page] = await Promise.all([
+      const [stats, page, training] = await Promise.all([
         api("/bank/stats"),
         api(`/bank/images?offset=${state.offset}&limit=${PAGE_SIZE}&sort=${state.sort}`),
+        api(`/api/training?limit=${TRAIN_POINTS}`),
       ]);
       if (page.total > 0 && state.offset >= page.total) {
         state.offset = Math.max(0, (Math.ceil(page.total / PAGE_SIZE) - 1) * PAGE_SIZE);
@@ -443,6 +554,7 @@
       renderDrops(stats);
       renderHistory();
       renderCounters(stats);
+      renderTraining(training);
       await loadDetail();
       showBanner(null);
       setStatus(state.interval ? "live" : "paused",
