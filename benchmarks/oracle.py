@@ -204,7 +204,12 @@ def run_baseline(task: Task, seed: int) -> dict:
     loop = ReferenceLoop(cfg, model, copy.copy(task.paired), task.inputs, task.hidden_gt,
                          NRJudge(task.nr_ensemble, cfg))
     loop.run(seed)
-    return evaluate(task, model, (cfg.model.score_cap,))
+    result = evaluate(task, model, (cfg.model.score_cap,))
+    result["train_psnr7"] = train_psnr(task, model, cfg.model.score_cap)
+    result["ema_at7"] = evaluate(task, loop.ema.teacher, (cfg.model.score_cap,))["at7"]
+    print(f"[{task.name}] baseline seed {seed}: PSNR@7 {result['at7']['psnr']:.2f}, train PSNR@7 "
+          f"{result['train_psnr7']:.2f}, EMA@7 {result['ema_at7']['psnr']:.2f}", flush=True)
+    return result
 
 
 @torch.no_grad()
@@ -263,6 +268,8 @@ def mean_range(values: list[float]) -> dict:
 def summarise(runs: list[dict]) -> dict:
     keys = {f"{m}": [r["at7"][m] for r in runs] for m in ("psnr", "ssim", "nr")}
     out = {k: mean_range(v) for k, v in keys.items()}
+    out["train_psnr"] = mean_range([r["train_psnr7"] for r in runs])
+    out["ema_psnr"] = mean_range([r["ema_at7"]["psnr"] for r in runs])
     for k in ("spearman_psnr", "spearman_nr"):
         if k in runs[0]:
             out[k] = mean_range([r[k] for r in runs])
@@ -291,12 +298,14 @@ def write_report(results: dict, out: Path) -> Path:
                   f"{fmt(t['ssim'], 3)}, NR {fmt(t['nr'])}."
                   + (f" Baseline: PSNR {_pm(b['psnr'])}, SSIM {_pm(b['ssim'], 3)}, NR {_pm(b['nr'])}." if b else ""),
                   "", "| levels | reward | PSNR @7 | dPSNR vs teacher | SSIM @7 | NR @7 | Spearman(cond, PSNR) "
-                  "| Spearman(cond, NR) | PSNR at conditions 0..7 |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| Spearman(cond, NR) | PSNR at conditions 0..7 | EMA teacher @7 | train PSNR @7 vs teacher |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for cell, s in res["cells"].items():
             level, reward = cell.split(":")
             lines.append(f"| {level} | {reward} | {_pm(s['psnr'])} | {s['psnr']['mean'] - t['psnr']:+.2f} | "
                          f"{_pm(s['ssim'], 3)} | {_pm(s['nr'])} | {_pm(s['spearman_psnr'], 2)} | "
-                         f"{_pm(s['spearman_nr'], 2)} | {' '.join(fmt(v, 1) for v in s['sweep_psnr'])} |")
+                         f"{_pm(s['spearman_nr'], 2)} | {' '.join(fmt(v, 1) for v in s['sweep_psnr'])} | "
+                         f"{_pm(s['ema_psnr'])} | {s['train_psnr']['mean'] - t['train_psnr7']:+.2f} |")
         lines.append("")
     path = out / "oracle.md"
     path.write_text("\n".join(lines) + "\n")
@@ -347,9 +356,11 @@ def _main(args: argparse.Namespace, argv) -> dict:
     (args.out / "oracle.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(results, args.out)
     rows = [[t, c, s["psnr"]["mean"], s["psnr"]["mean"] - r["teacher"]["psnr"], s["ssim"]["mean"],
-             s["spearman_psnr"]["mean"], s["spearman_nr"]["mean"]]
+             s["spearman_psnr"]["mean"], s["spearman_nr"]["mean"], s["ema_psnr"]["mean"],
+             s["train_psnr"]["mean"] - r["teacher"]["train_psnr7"]]
             for t, r in tasks.items() for c, s in r["cells"].items()]
-    print_table(["task", "cell", "PSNR@7", "vs teacher", "SSIM@7", "rho PSNR", "rho NR"], rows)
+    print_table(["task", "cell", "PSNR@7", "vs teacher", "SSIM@7", "rho PSNR", "rho NR", "EMA@7",
+                 "train vs teacher"], rows)
     print(f"report: {report}")
     emit_result("oracle_controllable_cells", controllable, "cells", len(oracle_cells))
     return results
