@@ -204,7 +204,7 @@ def cmd_restore(args) -> int:
 
     try:
         report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score,
-                                tile=args.tile or None, progress=on_terminal())
+                                prefer=args.weights, tile=args.tile or None, progress=on_terminal())
     except ValueError as exc:  # bad checkpoint (CheckpointError), score or folders: before any file is written
         raise UsageError(str(exc)) from None
     failed = [(p, err) for p, err in report if err]
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="restore a folder with a trained model")
     restore.add_argument("--checkpoint", type=Path, required=True, help="model file, checkpoint or run folder")
     restore.add_argument("--score", type=float, default=7.0, help="quality condition, 0-10 (default 7)")
+    restore.add_argument("--weights", choices=("student", "teacher"), default="student",
+                         help="from a training state: the student's weights, or its EMA teacher's, which "
+                         "can generalise better (benchmarks/QUALITY.md, oracle factorial)")
     restore.add_argument("--tile", type=int, default=1024,
                          help="restore images larger than this in overlapping tiles of this size, which "
                               "bounds memory (default 1024; 0 = never tile)")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from qualiteacher.checkpoint import (
@@ -207,3 +208,29 @@ def test_unconditioned_file_into_conditioned_model(tmp_path):
             assert torch.equal(model(x, score), reference)
     with pytest.raises(CheckpointError, match="width"):
         load_restorer(path, model_cfg=cond_cfg.model_copy(update={"width": 16}))
+
+
+def test_cli_restore_weights_picks_student_or_ema_teacher(tmp_path):
+    """`qualiteacher restore --weights teacher` restores with the EMA teacher of a training
+    state, the default with the student; the two differ, so each output names its source."""
+    from qualiteacher.cli import main
+    from qualiteacher.imageio import read_image, write_png
+
+    cfg = tiny_cfg()
+    directory = tmp_path / "ckpt"
+    student, ema, _, _ = make_training_state(directory, cfg)
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    rng = np.random.default_rng(0)
+    write_png(in_dir / "a.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    x = torch.from_numpy(read_image(in_dir / "a.png")).permute(2, 0, 1)[None].float() / 255
+    outputs = {}
+    for weights, model in (("student", student), ("teacher", ema.teacher)):
+        out_dir = tmp_path / weights
+        assert main(["restore", "--checkpoint", str(directory), "--weights", weights, "--score", "5",
+                     str(in_dir), str(out_dir)]) == 0
+        outputs[weights] = read_image(out_dir / "a.png")
+        with torch.no_grad():
+            expected = (model.eval()(x, 5.0).clamp(0, 1)[0].permute(1, 2, 0) * 255).round().byte().numpy()
+        assert np.abs(outputs[weights].astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(outputs["student"], outputs["teacher"])
