@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from qualiteacher.checkpoint import (
