@@ -4,12 +4,15 @@ student step -> EMA -> relabel, with the scorer and the reward swappable for an 
 The distributed pipeline (`pipelines/train.py`) runs the same core pieces on Ray actors and
 a Redis bank, concurrently. Here they run in turn, synchronously and deterministically for
 a seed, which is what an experiment that compares settings needs: the multi-aug labels
-(`multi_aug_pseudo_labels`), the dual drop (`dual_drop`), the gate (`method.gating.gate`),
+(`multi_aug_pseudo_labels`), the scorer actor's judgement (`method.judge`: levels, dual
+drop, best label, block weights; the oracle judge shares its `decide`), the gate
+(`method.gating.gate`),
 the student's batch (`assemble_bank_batch`) and step (`step_losses`), and the EMA teacher.
 Every `train.push_every` steps the teacher is the EMA and every image is labelled again.
 
 With `labelling.ladder` the best label of each kept set carries its condition ladder
-(`qualiteacher.method.ladder`), scored by the same judge, as the scorer actor does it.
+(`qualiteacher.method.ladder`), scored by the same judge (`method.judge.ladder_levels` for
+the NR ensemble), as the scorer actor does it.
 """
 
 from __future__ import annotations
