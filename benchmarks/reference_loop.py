@@ -6,8 +6,8 @@ a Redis bank, concurrently. Here they run in turn, synchronously and determinist
 a seed, which is what an experiment that compares settings needs: the multi-aug labels
 (`multi_aug_pseudo_labels`), the scorer actor's judgement (`method.judge`: levels, dual
 drop, best label, block weights; the oracle judge shares its `decide`), the gate
-(`method.gating.gate`),
-the student's batch (`assemble_bank_batch`) and step (`step_losses`), and the EMA teacher.
+(`method.gating.gate`), the student's batch (`assemble_bank_batch`) and step
+(`step_losses`), and the EMA teacher.
 Every `train.push_every` steps the teacher is the EMA and every image is labelled again.
 
 With `labelling.ladder` the best label of each kept set carries its condition ladder
