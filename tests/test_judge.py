@@ -60,7 +60,7 @@ def test_judge_keeps_the_consistent_set_and_says_why_the_others_go(verdict):
     assert verdict.drop_counts() == {drop.AUGMENTATION_INSTABILITY: 1, drop.NON_FINITE: 2}
 
 
-def test_the_finite_mask_alone_keeps_the_last_set(offline_ensemble, verdict, cfg):
+def test_without_the_finite_mask_the_last_set_is_kept(offline_ensemble, verdict, cfg):
     """Without the teacher's mask the fourth set survives (so above it went for the mask
     alone); the same scores under a stricter tau_multi drop the corrupted set for metric
     disagreement, the first of the two drops."""
