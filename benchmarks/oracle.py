@@ -133,10 +133,11 @@ class Task:
         from qualiteacher.method.augment import multi_aug_pseudo_labels
         from qualiteacher.method.drop import calibrate_thresholds
 
-        judge = OracleJudge(OracleScorer(self.oracle_scale, self.cfg.iqa.block_grid, self.cfg.iqa.min_block_weight))
+        judge = OracleJudge(OracleScorer(self.oracle_scale, self.cfg.iqa.block_grid, self.cfg.iqa.min_block_weight),
+                            self.cfg)
         labels = multi_aug_pseudo_labels(teacher, self.inputs, tuple(self.cfg.labelling.augmentations)).clamp(0, 1)
         keep = self.cfg.drop.calibrate_keep or 0.85
-        return calibrate_thresholds(judge(labels, self.hidden_gt).normalized, keep)
+        return calibrate_thresholds(judge.normalized(labels, self.hidden_gt), keep)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -165,7 +166,7 @@ def cell_config(task: Task, level: str, reward: str):
 def run_cell(task: Task, level: str, reward: str, seed: int) -> dict:
     cfg = cell_config(task, level, reward)
     oracle = OracleScorer(task.oracle_scale, cfg.iqa.block_grid, cfg.iqa.min_block_weight)
-    judge = OracleJudge(oracle) if level == "oracle" else NRJudge(task.nr_ensemble, cfg)
+    judge = OracleJudge(oracle, cfg) if level == "oracle" else NRJudge(task.nr_ensemble, cfg)
     reward_fn = {"off": None, "nr": task.nr_ensemble.reward, "oracle": OracleReward(task.oracle_scale)}[reward]
     model = task.stage1_model(cfg, conditioned=True)
     paired = copy.copy(task.paired)

@@ -4,12 +4,15 @@ student step -> EMA -> relabel, with the scorer and the reward swappable for an 
 The distributed pipeline (`pipelines/train.py`) runs the same core pieces on Ray actors and
 a Redis bank, concurrently. Here they run in turn, synchronously and deterministically for
 a seed, which is what an experiment that compares settings needs: the multi-aug labels
-(`multi_aug_pseudo_labels`), the dual drop (`dual_drop`), the gate (`method.gating.gate`),
-the student's batch (`assemble_bank_batch`) and step (`step_losses`), and the EMA teacher.
+(`multi_aug_pseudo_labels`), the scorer actor's judgement (`method.judge`: levels, dual
+drop, best label, block weights; the oracle judge shares its `decide`), the gate
+(`method.gating.gate`), the student's batch (`assemble_bank_batch`) and step
+(`step_losses`), and the EMA teacher.
 Every `train.push_every` steps the teacher is the EMA and every image is labelled again.
 
 With `labelling.ladder` the best label of each kept set carries its condition ladder
-(`qualiteacher.method.ladder`), scored by the same judge, as the scorer actor does it.
+(`qualiteacher.method.ladder`), scored by the same judge (`method.judge.ladder_levels` for
+the NR ensemble), as the scorer actor does it.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmarks.oracle_scorer import OracleReward, OracleScale, OracleScorer, level_of, psnr
+from benchmarks.oracle_scorer import METRIC, OracleReward, OracleScale, OracleScorer, level_of, psnr
 from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
 from qualiteacher.method.augment import multi_aug_pseudo_labels
 from qualiteacher.method.bank_batch import BankLabel, assemble_bank_batch
-from qualiteacher.method.drop import dual_drop
 from qualiteacher.method.ema import EMA
 from qualiteacher.method.gating import Scored, gate
+from qualiteacher.method.judge import Verdict, decide, judge, ladder_levels, scored_rungs
 from qualiteacher.method.ladder import ladder_rungs
 from qualiteacher.models.injection import injection_snapshot
 from qualiteacher.student_step import gradients_finite, step_losses
@@ -43,15 +46,6 @@ class Entry(Scored):
     label: BankLabel = field(compare=False)
 
 
-@dataclass
-class Judged:
-    """One labelling round's verdict on N images with K labels each."""
-
-    levels: torch.Tensor  # (N, K) on 0-10
-    normalized: torch.Tensor  # (N, K, M) per metric, for the dual drop
-    weights: torch.Tensor  # (N, K, grid, grid)
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[..., 3, H, W] in [0, 1] -> [..., H, W, 3] uint8, as labels are stored."""
     return (images.clamp(0, 1) * 255).round().byte().movedim(-3, -1).numpy()
@@ -62,33 +56,47 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
 
 
 class NRJudge:
-    """The NR ensemble, as the scorer actor uses it."""
+    """The NR ensemble, judging as the scorer actor does (`qualiteacher.method.judge`)."""
 
     def __init__(self, ensemble, cfg: Config):
         self.ensemble, self.cfg = ensemble, cfg
 
-    def __call__(self, labels: torch.Tensor, gt: torch.Tensor | None) -> Judged:
-        n, k = labels.shape[:2]
-        flat = labels.flatten(0, 1)
-        scores = self.ensemble.score(flat)
-        normalized = torch.stack([scores.normalized[m] for m in self.ensemble.names], dim=-1)
-        weights = self.ensemble.block_weights(flat, self.cfg.iqa.block_grid, self.cfg.iqa.min_block_weight)
-        return Judged(scores.ensemble10.reshape(n, k), normalized.reshape(n, k, -1),
-                      weights.reshape(n, k, *weights.shape[1:]))
+    def __call__(self, labels: torch.Tensor, gt: torch.Tensor | None) -> Verdict:
+        return judge(self.ensemble, labels, self.cfg)
+
+    def ladder(self, x: torch.Tensor, best: torch.Tensor, alphas, gt: torch.Tensor | None) -> torch.Tensor:
+        return ladder_levels(self.ensemble, x, best, alphas)
 
 
 class OracleJudge:
-    """The oracle (`benchmarks.oracle_scorer`) in the scorer's place."""
+    """The oracle (`benchmarks.oracle_scorer`) in the NR ensemble's place: its levels and
+    block weights, the same drop and best-label rule (`qualiteacher.method.judge.decide`)."""
 
-    def __init__(self, scorer: OracleScorer):
-        self.scorer = scorer
+    def __init__(self, scorer: OracleScorer, cfg: Config):
+        self.scorer, self.cfg = scorer, cfg
 
-    def __call__(self, labels: torch.Tensor, gt: torch.Tensor) -> Judged:
+    def normalized(self, labels: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """(N, K, 1) unit scores of N sets of K labels against their images' ground truth."""
         n, k = labels.shape[:2]
-        flat, gt_flat = labels.flatten(0, 1), gt.repeat_interleave(k, 0)
-        unit = self.scorer.normalized(flat, gt_flat)
-        weights = self.scorer.block_weights(flat, gt_flat)
-        return Judged(level_of(unit).reshape(n, k), unit.reshape(n, k, 1), weights.reshape(n, k, *weights.shape[1:]))
+        return self.scorer.normalized(labels.flatten(0, 1), gt.repeat_interleave(k, 0)).reshape(n, k, 1)
+
+    def __call__(self, labels: torch.Tensor, gt: torch.Tensor) -> Verdict:
+        n, k = labels.shape[:2]
+        unit = self.normalized(labels, gt)
+        levels = level_of(unit[..., 0])
+        decision = decide(levels, unit, self.cfg.drop)
+        # Every label's blocks, then the kept ones': PSNR is cheap, and this keeps the
+        # batches (and so the numbers) of the oracle runs made before the core judge.
+        weights = self.scorer.block_weights(labels.flatten(0, 1), gt.repeat_interleave(k, 0))
+        weights = weights.reshape(n, k, *weights.shape[1:])
+        kept = [i for i in range(n) if decision.keep[i]]
+        # The oracle has no reward-scale q_min (the loop does not use it): 0, as the
+        # scorer's fallback without a differentiable metric.
+        return Verdict((METRIC,), levels, {METRIC: unit[..., 0]}, unit, decision.keep, decision.reasons,
+                       decision.best, {i: weights[i] for i in kept}, torch.zeros(n))
+
+    def ladder(self, x: torch.Tensor, best: torch.Tensor, alphas, gt: torch.Tensor) -> torch.Tensor:
+        return level_of(self.normalized(ladder_rungs(x, best, alphas), gt)[..., 0])
 
 
 def fit_oracle_scale(teacher, inputs: torch.Tensor, gt: torch.Tensor, augmentations) -> OracleScale:
@@ -133,25 +141,23 @@ class ReferenceLoop:
             x = self.inputs[rows]
             gt = None if self.gt is None else self.gt[rows]
             labels = multi_aug_pseudo_labels(teacher, x, augs).clamp(0, 1)
-            judged = self.judge(labels, gt)
-            drop = self.cfg.drop
-            decision = dual_drop(judged.normalized, drop.tau_multi, drop.tau_aug, enabled=drop.enabled)
-            for reason, count in decision.counts().items():
+            verdict = self.judge(labels, gt)
+            for reason, count in verdict.drop_counts().items():
                 self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + count
-            ladders = self._ladders(x, labels, judged, gt)
-            for i, image_id in enumerate(self.ids[rows]):
-                if decision.keep[i]:
-                    self._gate(image_id, version, augs, labels[i], judged, i, ladders[i])
+            ladders = self._ladders(x, labels, verdict, gt)
+            ids = self.ids[rows]
+            for i in verdict.kept:
+                self._gate(ids[i], version, augs, labels[i], verdict, i, ladders[i])
         self.stats.versions += 1
         self.stats.labelled += len(self.ids)
         self.stats.seconds["label"] += time.perf_counter() - t0
 
-    def _gate(self, image_id: str, version: int, augs, labels: torch.Tensor, judged: Judged, i: int,
+    def _gate(self, image_id: str, version: int, augs, labels: torch.Tensor, verdict: Verdict, i: int,
               ladder: tuple) -> None:
         images = to_uint8(labels)
-        best = int(judged.levels[i].argmax())
-        candidates = [Entry(f"{image_id}.v{version}.{aug}", float(judged.levels[i, j]),
-                            BankLabel(images[j], judged.weights[i, j].numpy(), float(judged.levels[i, j]),
+        best = int(verdict.best[i])
+        candidates = [Entry(f"{image_id}.v{version}.{aug}", float(verdict.levels[i, j]),
+                            BankLabel(images[j], verdict.weights[i][j].numpy(), float(verdict.levels[i, j]),
                                       ladder if j == best else ()))
                       for j, aug in enumerate(augs)]
         seen = self.seen.setdefault(image_id, set())
@@ -160,15 +166,17 @@ class ReferenceLoop:
         self.stats.admitted += len({e.label_id for e in kept} - {e.label_id for e in self.bank.get(image_id, [])})
         self.bank[image_id] = kept
 
-    def _ladders(self, x, labels, judged: Judged, gt) -> list[tuple]:
+    def _ladders(self, x, labels, verdict: Verdict, gt) -> list[tuple]:
         """Per image, (blend, level) of the rungs of its best label of this round, as the
-        scorer makes them (`ladder_rungs`, scored by the same judge)."""
+        scorer makes them (`ladder_rungs`, scored by the same judge, unscorable rungs left
+        out). Every image's rungs are scored, not only the kept sets': the metrics' numbers
+        depend slightly on the batch, and this is the batch the loop's results were made with."""
         alphas = tuple(self.cfg.labelling.ladder)
         if not alphas:
             return [()] * x.shape[0]
-        best = labels[torch.arange(labels.shape[0]), judged.levels.argmax(dim=1)]
-        scored = self.judge(ladder_rungs(x, best, alphas), gt)
-        return [tuple(zip(alphas, scored.levels[i].tolist())) for i in range(x.shape[0])]
+        best = labels[torch.arange(labels.shape[0]), verdict.best]
+        levels = self.judge.ladder(x, best, alphas, gt)
+        return [tuple(scored_rungs(alphas, row).items()) for row in levels]
 
     # ---------------------------------------------------------------- training
     def bank_batch(self, rng: np.random.Generator):

@@ -208,6 +208,49 @@ def test_scorer_stores_the_condition_ladder_of_each_sets_best_label(weights_dir,
         assert list(best.ladder_levels) == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def test_scorer_stores_the_core_judges_verdict(weights_dir, redis_url):
+    """The scorer decides nothing itself: the entries it stores carry, field by field, the
+    verdict of `qualiteacher.method.judge` on the same decoded labels (level, scores, block
+    weights, q_min, the best label's ladder), and the sets the core drops are not stored."""
+    import torch
+
+    from qualiteacher.iqa.ensemble import IQAEnsemble
+    from qualiteacher.method.judge import judge, ladder_levels, scored_rungs
+    from services.bank.inputs import InputStore
+    from services.scorer import ScorerWorker
+
+    cfg = _cfg("judge-test", "redis.prefix=judge", "labelling.ladder=[0.0, 0.5]", "drop.tau_multi=1",
+               "drop.tau_aug=1")
+    ids, pls = _fake_sets(3, seed=7)
+    pls[:, 1] = np.clip(pls[:, 1].astype(int) + 40, 0, 255)  # three labels of distinct levels
+    pls[:, 2] = pls[:, 2] // 2
+    finite = np.array([True, False, True])  # the teacher's output for the second image had NaN
+    client = redis_client(redis_url)
+    inputs = np.random.default_rng(3).integers(0, 256, size=(3, 96, 96, 3), dtype=np.uint8)
+    InputStore(client, "judge").put_many(dict(zip(ids, inputs)))
+    report = ScorerWorker(cfg.model_dump(mode="json"), redis_url).process(ids, pls, finite, 4)
+    ensemble = IQAEnsemble.from_config(cfg)
+    labels = torch.from_numpy(pls).permute(0, 1, 4, 2, 3).float() / 255.0
+    verdict = judge(ensemble, labels, cfg, finite)
+    assert verdict.kept == [0, 2] and report["dropped"] == {"non_finite": 1}
+    x = torch.from_numpy(inputs[verdict.kept]).permute(0, 3, 1, 2).float() / 255.0
+    ladders = ladder_levels(ensemble, x, labels[verdict.kept, verdict.best[verdict.kept]], (0.0, 0.5))
+    bank = MemoryBank(client, "judge", 3)
+    assert bank.entries(ids[1]) == []
+    for i, ladder in zip(verdict.kept, ladders):
+        entries = {e.augmentation: e for e in bank.entries(ids[i])}
+        for j, aug in enumerate(cfg.labelling.augmentations):
+            entry = entries[aug]
+            assert entry.ensemble == float(verdict.levels[i, j]) and entry.teacher_version == 4
+            assert dict(entry.raw_scores) == verdict.raw_scores(i, j)
+            assert dict(entry.normalized_scores) == verdict.normalized_scores(i, j)
+            assert list(entry.weights.values) == verdict.weights[i][j].flatten().tolist()
+            assert entry.teacher_q_min == float(verdict.q_min[i])
+            rungs = scored_rungs((0.0, 0.5), ladder) if j == verdict.best[i] else {}
+            assert list(entry.ladder_alphas) == list(rungs)
+            assert list(entry.ladder_levels) == [min(v, cfg.model.score_cap) for v in rungs.values()]
+
+
 def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_url):
     from qualiteacher.models.build import build_model
     from services.labeller import Labeller

@@ -9,7 +9,8 @@ the image is (a lightly hazed photo gets a high level for a light restoration). 
 with oracle levels (benchmarks/QUALITY.md, oracle factorial): without rungs the condition
 learns the confound and Spearman(condition, PSNR) is negative; with them it follows quality.
 
-One rule, three users: the scorer scores the rungs of each kept set's best label, the bank
+One rule, three users: the scorer scores the rungs of each kept set's best label
+(`qualiteacher.method.judge.ladder_levels`, also the reference loop's), the bank
 stores (alpha, level) pairs with that label, and the student rebuilds the rungs on its
 crop (blending commutes with cropping) in `assemble_bank_batch`.
 """
