@@ -156,14 +156,14 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     # One intra-op thread: the images are small, and on a busy 2-core machine torch's default
     # thread pool spins against the test runner (a 3 s restore took 30 s).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "qualiteacher.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, check=False, env=env)
 
 
 def _main(capsys, *args: str) -> subprocess.CompletedProcess:
     """The CLI in this process (cheap: no new interpreter, no second torch import), as a
     CompletedProcess so that _check_report applies; an uncaught exception fails the test."""
-    from qualiteacher.cli import main
+    from pipelines.cli import main
 
     code = main(list(args))
     out, err = capsys.readouterr()

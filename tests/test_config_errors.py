@@ -202,7 +202,7 @@ def test_cli_train_bad_config_exits_2(tmp_path, case):
     text, field, reason = BAD_YAML[case]
     bad = _write(tmp_path, case, text)
     run_dir = tmp_path / "run"
-    proc, elapsed = _run(["-m", "qualiteacher.cli", "train", "--config", str(bad)], run_dir)
+    proc, elapsed = _run(["-m", "pipelines.cli", "train", "--config", str(bad)], run_dir)
     _assert_refused(proc, elapsed, run_dir, field, reason, str(bad))
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
     print(f"{case}: refused in {elapsed:.1f} s")
@@ -211,7 +211,7 @@ def test_cli_train_bad_config_exits_2(tmp_path, case):
 def test_cli_train_missing_weights_exits_2(tmp_path):
     run_dir, empty = tmp_path / "run", tmp_path / "empty"
     empty.mkdir()
-    proc, elapsed = _run(["-m", "qualiteacher.cli", "train", "--config", str(SMOKE), "--set", "iqa.metrics={musiq: 1}",
+    proc, elapsed = _run(["-m", "pipelines.cli", "train", "--config", str(SMOKE), "--set", "iqa.metrics={musiq: 1}",
                           "--set", f"paths.weights_dir={empty}"], run_dir)
     _assert_refused(proc, elapsed, run_dir, "musiq_koniq_ckpt-e95806b9.pth", str(empty))
 
@@ -219,7 +219,7 @@ def test_cli_train_missing_weights_exits_2(tmp_path):
 def test_cli_train_missing_data_folder_exits_2(tmp_path, weights_dir):
     run_dir = tmp_path / "run"
     (tmp_path / "in").mkdir()
-    proc, elapsed = _run(["-m", "qualiteacher.cli", "train", "--config", str(SMOKE),
+    proc, elapsed = _run(["-m", "pipelines.cli", "train", "--config", str(SMOKE),
                           "--set", f"data.paired_input_dir={tmp_path / 'in'}",
                           "--set", f"data.paired_target_dir={tmp_path / 'in'}",
                           "--set", f"data.unpaired_dir={tmp_path / 'nope'}"], run_dir)

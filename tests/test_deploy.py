@@ -152,7 +152,7 @@ def test_docker_compose_config_validates():
 def test_compose_weights_service_runs_the_download(tmp_path):
     """As Compose resolves it: the user's folder read-write at the download's weights folder, the
     mirror passed through, and a command line the CLI parses as `weights download`."""
-    from qualiteacher.cli import build_parser, cmd_weights_download
+    from pipelines.cli import build_parser, cmd_weights_download
 
     folder = tmp_path / "w"
     env = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken", QT_WEIGHTS_DIR=str(folder),
@@ -303,7 +303,7 @@ def test_rayjob_weights_download_is_off_until_the_configmap_says_so(tmp_path):
     """Each step's shell line, run with sh and a stand-in `qualiteacher` that records its
     arguments: nothing by default; `weights download [--metrics ...]` when switched on, and
     that command line is one the CLI parses."""
-    from qualiteacher.cli import build_parser, cmd_weights_download
+    from pipelines.cli import build_parser, cmd_weights_download
 
     config, steps = _download_steps()
     assert config["data"] == {"QT_WEIGHTS_DOWNLOAD": "false", "QT_WEIGHTS_METRICS": "",

@@ -22,7 +22,7 @@ def test_evaluate_reports_psnr_ssim_and_bad_files(weights_dir, tmp_path):
         write_png(pred / name, (clean + rng.normal(0, noise, clean.shape)).clip(0, 255).astype(np.uint8)
                   if noise else clean)
     (pred / "broken.png").write_text("nope")
-    out = subprocess.run([sys.executable, "-m", "qualiteacher.cli", "evaluate", "--pred", str(pred),
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--pred", str(pred),
                           "--gt", str(gt), "--metrics", "brisque,piqe", "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "broken.png" in out.stderr and "Traceback" not in out.stderr

@@ -66,7 +66,7 @@ def test_teacher_killed_comes_back_with_latest_weights(ray_cluster, weights_dir,
 
 
 def test_scale_command_reaches_running_job(ray_cluster, weights_dir, redis_url):
-    from qualiteacher.cli import main
+    from pipelines.cli import main
 
     _, _, labeller = _start("scale-cli", "scalecli", redis_url, scorers=1)
     assert ray.get(labeller.scorer_count.remote()) == 1

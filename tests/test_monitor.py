@@ -526,7 +526,7 @@ def test_503_while_redis_restarts_then_recovers(tmp_path):
 
 # ---------------------------------------------------------------------------- CLI
 def test_cli_monitor_refuses_public_bind_without_token(monkeypatch, capsys):
-    from qualiteacher import cli
+    from pipelines import cli
 
     calls = []
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
@@ -562,7 +562,7 @@ def test_cli_monitor_refuses_public_bind_without_token(monkeypatch, capsys):
 def test_access_log_masks_tokens(monkeypatch):
     import logging
 
-    from qualiteacher import cli
+    from pipelines import cli
     from services.monitor.app import _RedactTokens, is_loopback
 
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)

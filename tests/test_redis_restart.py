@@ -44,7 +44,7 @@ def _start_labeller(namespace: str, redis_url: str):
 
 
 def test_redis_restart_mid_run_loses_nothing(ray_cluster, weights_dir, tmp_path, capsys):
-    from qualiteacher.cli import main
+    from pipelines.cli import main
 
     server = EmbeddedRedis(tmp_path / "redis", port=free_port())
     server.start()

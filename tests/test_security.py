@@ -261,7 +261,7 @@ def test_redis_password_never_logged_or_written(ray_cluster, weights_dir, tmp_pa
     import ray
 
     from pipelines.train import run
-    from qualiteacher.cli import main
+    from pipelines.cli import main
     from qualiteacher.config import load_config
 
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), password=SECRET)

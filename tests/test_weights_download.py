@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from qualiteacher.cli import main
+from pipelines.cli import main
 from qualiteacher.iqa.download import (
     MIRROR_ENV,
     DownloadError,
