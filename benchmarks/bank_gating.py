@@ -42,7 +42,7 @@ AUGS = ("identity", "hflip", "vflip")
 
 def make_pl_images(n_images: int, size: int):
     """Per image, 3 PNG `Image` messages (the photo at three brightness offsets)."""
-    from services.bank.store import encode_image
+    from services.bank.codec import encode_image
 
     out = []
     for img in sample_images(n_images, size):
@@ -53,7 +53,7 @@ def make_pl_images(n_images: int, size: int):
 
 def make_round(pl_images, round_index: int, rng: np.random.Generator) -> list[tuple[str, list]]:
     """One round of candidates: per image, 3 entries with new label ids and scores."""
-    from services.bank.store import build_entry
+    from services.bank.codec import build_entry
 
     out = []
     for i, images in enumerate(pl_images):

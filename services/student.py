@@ -44,8 +44,9 @@ from qualiteacher.student_step import (
     step_losses,
     target_levels,
 )
+from services.bank.codec import decode_image, decode_weights
 from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank, decode_image, decode_weights
+from services.bank.store import MemoryBank
 from services.names import LABELLER
 from services.redis_server import redis_client
 from services.training_log import TrainingLog

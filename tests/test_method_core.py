@@ -48,7 +48,7 @@ def test_multi_aug_pseudo_labels_map_back():
 
 
 def test_augmentation_names_come_from_one_place():
-    from services.bank.store import build_entry
+    from services.bank.codec import build_entry
 
     assert load_config(None, []).labelling.augmentations == list(augment.AUGMENTATIONS)
     every = ",".join(augment.KNOWN_AUGMENTATIONS)

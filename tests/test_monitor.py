@@ -27,8 +27,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from services.bank.codec import build_entry
 from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank, build_entry
+from services.bank.store import MemoryBank
 from services.monitor import create_app
 from services.redis_server import EmbeddedRedis, free_port, redis_client
 from services.training_stream import TrainingStream

@@ -19,7 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from services.bank.store import MemoryBank, build_entry
+from services.bank.codec import build_entry
+from services.bank.store import MemoryBank
 from services.monitor import create_app
 from services.redis_server import free_port, redis_client
 from tests.redis_fixtures import unique_prefix

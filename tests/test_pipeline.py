@@ -10,7 +10,8 @@ import ray
 
 from qualiteacher.config import load_config
 from qualiteacher.flat_weights import flatten
-from services.bank.store import MemoryBank, decode_image
+from services.bank.codec import decode_image
+from services.bank.store import MemoryBank
 from services.redis_server import redis_client
 from tests.waiting import wait_until as _wait_until
 

@@ -23,7 +23,7 @@ from qualiteacher.training_log import (
     score_histogram,
     step_scalars,
 )
-from services.bank.store import build_entry
+from services.bank.codec import build_entry
 from services.training_stream import TrainingStream, latest_attempt
 
 

@@ -53,6 +53,11 @@ def validate_id(value: object, what: str = "image id") -> str:
     return value
 
 
+def as_str(value: bytes | str) -> str:
+    """A key, id or field name as Redis returned it (bytes with ``decode_responses=False``)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def validate_prefix(prefix: str) -> str:
     if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
         raise ValueError(f"invalid key prefix {prefix!r}")

@@ -62,9 +62,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from protos import bank_entry_pb2 as pb
 from qualiteacher.training_log import PROBE_NAME, probe_name
+from services.bank.codec import decode_image
 from services.bank.inputs import InputStore
 from services.bank.keys import ID_PATTERN, validate_id, validate_prefix
-from services.bank.store import COUNTER_NAMES, MemoryBank, decode_image
+from services.bank.store import COUNTER_NAMES, MemoryBank
 from services.monitor.models import (
     BankStats,
     EntryInfo,
