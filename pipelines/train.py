@@ -53,6 +53,16 @@ def init_ray(cfg: Config) -> None:
                  include_dashboard=True, **kwargs)
 
 
+def warn_unplaceable(cfg: Config) -> None:
+    """Name the roles whose custom resources no node has now: their actors wait for such a
+    node (a typo in a resource name would otherwise look like a hang)."""
+    from services.placement import unplaceable_roles
+
+    for field, names in unplaceable_roles(cfg, ray.cluster_resources()).items():
+        log.warning("%s asks for %s, which no node of the cluster has now: its actors wait until "
+                    "a node with %s joins", field, ", ".join(names), "them" if len(names) > 1 else "it")
+
+
 def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
     """User folders from config, else the bundled samples with synthetic degradations.
 
@@ -172,6 +182,7 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
     from qualiteacher.data.paired import UnpairedImages
     from services.labeller import Labeller
+    from services.placement import on_driver_node
 
     try:
         unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size,
@@ -183,6 +194,7 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     gpus = ray.cluster_resources().get("GPU", 0.0)
     labeller = ray.remote(Labeller).options(
         name=LABELLER, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=8, lifetime=None,
+        scheduling_strategy=on_driver_node(),  # shares the driver's fate, like Ray Train's controller
     ).remote(cfg.model_dump(mode="json"), redis_url, unpaired.ids, unpaired.images,
              [ray.put(flatten(teacher_state))], version, gpus)
     return labeller
@@ -192,6 +204,7 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from services.placement import train_worker_resources
     from services.student import train_loop_per_worker
 
     tc = cfg.train
@@ -199,9 +212,7 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
     # directory, like every other actor, keeps relative paths (e.g. paths.weights_dir) valid.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     use_gpu = tc.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": tc.worker_resources.num_cpus}
-    if use_gpu:
-        resources["GPU"] = max(tc.worker_resources.num_gpus, 1.0)
+    resources = train_worker_resources(tc.worker_resources, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -282,6 +293,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             stack.enter_context(embedded)
         log.info("redis: %s", redact_url(redis_url))
         init_ray(cfg)
+        warn_unplaceable(cfg)
         data = prepare_data(cfg, run_dir)
         init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
         cfg = calibrate_run(cfg, run_dir, data, teacher_state)

@@ -35,6 +35,7 @@ from qualiteacher.config import Config
 from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank
 from services.names import scorer_name, teacher_name
+from services.placement import actor_options
 from services.redis_server import redis_client
 from services.scorer import ScorerWorker
 from services.teacher import TeacherWorker
@@ -141,7 +142,7 @@ class Labeller:
 
     # ---- actors ----
     def _resources(self, res) -> dict:
-        return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus if self.gpus > 0 else 0}
+        return actor_options(res, gpus_available=self.gpus > 0)
 
     def _start_teacher(self, index: int):
         """A restartable teacher; weights come by set_weights, so a restarted one (which
