@@ -31,6 +31,7 @@ from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from services.bank.store import MemoryBank
 from services.names import LABELLER
+from services.nodes import node_changes, node_table
 from services.redis_server import redact_url, redis_client, resolve_redis
 
 log = logging.getLogger("qualiteacher.train")
@@ -281,6 +282,22 @@ def bank_summary(bank: MemoryBank) -> dict:
             "bank_stats": stats}
 
 
+STUDENT_STARTS = "student_starts"  # bank meta: Ray Train worker-group starts (services/student.py)
+
+
+def _meta_int(bank: MemoryBank, field: str) -> int:
+    return int(bank.client.hget(bank.keys.meta, field) or 0)
+
+
+def faults_summary(label_stats: dict, nodes_before: dict, nodes_after: dict, student_starts: int) -> dict:
+    """What went wrong in this run and was recovered from: nodes lost and joined, teacher
+    calls lost to dead teachers, scorers replaced, Ray Train restarts of the student."""
+    return {**node_changes(nodes_before, nodes_after),
+            "teacher_failures": label_stats.get("teacher_failures", 0),
+            "scorers_replaced": label_stats.get("scorers_replaced", 0),
+            "student_restarts": max(student_starts - 1, 0)}
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     """The whole job; returns the summary written to run_dir/summary.json."""
     started = time.monotonic()
@@ -297,6 +314,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         data = prepare_data(cfg, run_dir)
         init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
         cfg = calibrate_run(cfg, run_dir, data, teacher_state)
+        nodes, starts = node_table(), _meta_int(_bank(cfg, redis_url), STUDENT_STARTS)
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
         progress = ProgressReporter(_bank(cfg, redis_url))
@@ -310,6 +328,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         teacher_versions = ray.get(labeller.teacher_versions.remote())
         ray.kill(labeller)
         summary = _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started)
+        summary["faults"] = faults_summary(label_stats, nodes, node_table(),
+                                           _meta_int(_bank(cfg, redis_url), STUDENT_STARTS) - starts)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 

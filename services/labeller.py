@@ -89,6 +89,10 @@ class LabellerStats:
     stale: int = 0
     retries: int = 0
     failed: int = 0
+    # Faults, for summary.json: teacher calls lost to a teacher that died (Ray restarts it),
+    # and scorers that died (their node lost, say) and were replaced by new ones.
+    teacher_failures: int = 0
+    scorers_replaced: int = 0
     dropped: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
@@ -186,8 +190,10 @@ class Labeller:
             return False
 
     def _replace_scorer(self, dead: _Scorer) -> None:
+        """Called once per failed call: count the scorer once, when it leaves the pool."""
         if dead in self.scorers:
             self.scorers.remove(dead)
+            self.stats_.scorers_replaced += not dead.retiring
         self._reconcile_scorers()
 
     # ---- public API (called concurrently with run) ----
@@ -356,6 +362,7 @@ class Labeller:
             self._reseed_teacher(call.teacher)
             with self.lock:
                 self.stats_.retries += 1
+                self.stats_.teacher_failures += isinstance(exc, RayActorError)
             self.relabel.append(call.batch)
             return []
         with self.lock:

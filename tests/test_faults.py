@@ -38,6 +38,7 @@ def test_scorer_killed_mid_run(ray_cluster, weights_dir, redis_url):
     ray.kill(ray.get_actor(scorer_name(0), namespace="fault-scorer"), no_restart=True)
     stats = ray.get(done, timeout=180)
     assert stats["scorers"] == 2  # the pool was restored to its size
+    assert stats["scorers_replaced"] == 1 and stats["teacher_failures"] == 0
     # One teacher version: every image labelled once, and scored once (its batch retried on
     # another scorer when its own died); nothing failed.
     assert stats["labelled"] == 16 and stats["scored"] == 16 and stats["failed"] == 0
@@ -55,7 +56,7 @@ def test_teacher_killed_comes_back_with_latest_weights(ray_cluster, weights_dir,
     teacher = ray.get_actor(teacher_name(0), namespace="fault-teacher")
     ray.kill(teacher, no_restart=False)  # Ray restarts it, without weights
     stats = ray.get(done, timeout=180)
-    assert stats["retries"] >= 1
+    assert stats["retries"] >= 1 and stats["teacher_failures"] >= 1 and stats["scorers_replaced"] == 0
     assert ray.get(labeller.teacher_versions.remote()) == [5]
     assert stats["labelled"] == 16 and stats["scored"] == 16  # the failed batch labelled again
     bank = MemoryBank(redis_client(redis_url), "fteacher", 3)
