@@ -194,6 +194,8 @@ class Labeller:
         if dead in self.scorers:
             self.scorers.remove(dead)
             self.stats_.scorers_replaced += not dead.retiring
+            # Merely unreachable (its node cut off) is gone too: it must not come back beside its replacement.
+            ray.kill(dead.handle)
         self._reconcile_scorers()
 
     # ---- public API (called concurrently with run) ----
