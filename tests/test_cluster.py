@@ -1,11 +1,14 @@
 """The training job on a three-node Ray cluster on this machine (tests/local_cluster.py):
 `ray job submit` places each role by the custom resources its config names, and the job
-survives losing a node mid-run.
+survives losing a node mid-run: the scorers' and student's node, or the teachers' node,
+each replaced by a node that joins after the loss.
 
 Marked `cluster`, so out of the default run: `make test-cluster` runs them in a pytest
 session of their own. They start their own Ray nodes (own temp dirs and ports) and never
 touch the session cluster of tests/ray_fixtures.py, which they do not request; run them
-apart all the same, since both would share two CPU cores. About 4 minutes on 2 cores.
+apart all the same, since both would share two CPU cores. The tests share one cluster and
+run in file order (each loss test leaves its replacement node in place). About 5.5 minutes
+on 2 busy cores: nodes 15 s, placement 50 s, each loss 130 s.
 """
 
 from __future__ import annotations
@@ -146,6 +149,18 @@ def wait_for(predicate, what: str, job: subprocess.Popen, timeout: float = 300) 
         time.sleep(0.1)
 
 
+def assert_bank_kept(bank: MemoryBank, redis_url: str, before: dict, stats_before: dict) -> None:
+    """`qualiteacher bank check` passes, every entry there at the loss is still there or was
+    evicted by better ones, and the counters only grew."""
+    check = subprocess.run([sys.executable, "-m", "qualiteacher.cli", "bank", "check", "--redis", redis_url,
+                            "--prefix", bank.prefix], cwd=REPO, capture_output=True, text=True, check=False)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
+    assert lost_entries(before, bank_snapshot(bank), top_k=bank.top_k) == []
+    stats = bank.stats()
+    assert stats["images"] >= stats_before["images"] and stats["entries"] >= stats_before["entries"]
+    assert all(stats["counters"][k] >= n for k, n in stats_before["counters"].items())
+
+
 def test_a_node_lost_mid_run_is_replaced_and_nothing_is_lost(cluster, redis_url, tmp_path):
     run_dir, prefix = tmp_path / "run", unique_prefix()
     bank = MemoryBank(redis_client(redis_url), prefix, 3)
@@ -178,20 +193,45 @@ def test_a_node_lost_mid_run_is_replaced_and_nothing_is_lost(cluster, redis_url,
         # node and never ran: it has no node id)
         assert {a["node_id"] for a in actors[cls]} - {None} == {lost_id, new_id}, cls
 
-    # The bank: consistent, and every entry there at the loss is still there or was evicted
-    # by better ones; the counters only grew.
-    check = subprocess.run([sys.executable, "-m", "qualiteacher.cli", "bank", "check", "--redis", redis_url,
-                            "--prefix", prefix], cwd=REPO, capture_output=True, text=True, check=False)
-    assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
-    assert lost_entries(before, bank_snapshot(bank), top_k=3) == []
-    stats = bank.stats()
-    assert stats["images"] >= stats_before["images"] and stats["entries"] >= stats_before["entries"]
-    assert all(stats["counters"][k] >= n for k, n in stats_before["counters"].items())
+    assert_bank_kept(bank, redis_url, before, stats_before)
     # Labelling went on: only a scorer on the new node can have gated since the loss.
-    assert stats["counters"]["gate_calls"] > stats_before["counters"]["gate_calls"]
+    assert bank.stats()["counters"]["gate_calls"] > stats_before["counters"]["gate_calls"]
     # Checkpoints: none lost, steps never go back, the last is the final step.
     ckpts = checkpoints(run_dir)
     assert ckpts_before and ckpts_before.items() <= ckpts.items()
     steps = list(ckpts.values())
     assert steps == sorted(steps) and steps[-1] == 60
     assert Path(summary["checkpoint"]).name == list(ckpts)[-1]
+
+
+def test_the_teachers_node_lost_mid_run_comes_back_on_a_new_node(cluster, redis_url, tmp_path):
+    """Teachers are restarted by Ray on the node that joins; the student, elsewhere, trains on
+    and is not restarted for them (its weight pushes reach the teachers that are there)."""
+    run_dir, prefix = tmp_path / "run", unique_prefix()
+    bank = MemoryBank(redis_client(redis_url), prefix, 3)
+    lost_id = cluster.alive_id("teachers")
+    job = submit(cluster, run_dir, redis_url, prefix, "train.steps=200", "train.checkpoint_every=20")
+    wait_for(lambda: bank.num_images() > 0, "bank entries", job)
+    cluster.kill("teachers")
+    before, stats_before = bank_snapshot(bank), bank.stats()
+    cluster.wait_dead(lost_id)
+    cluster.add_node("teachers-2", num_cpus=1, resources=TEACHERS)
+    new_id = cluster.alive_id("teachers-2")
+
+    def teachers_back() -> bool:
+        teachers = actors_by_class(cluster, prefix).get("TeacherWorker", [])
+        return len(teachers) == 2 and all(a["state"] == "ALIVE" and a["node_id"] == new_id for a in teachers)
+
+    wait_for(teachers_back, "both teachers restarted on the new node", job)
+    summary = finish(job, run_dir)
+
+    assert summary["steps"] == 200 and summary["teacher_version"] == 100
+    faults = summary["faults"]
+    assert [n["node_id"] for n in faults["nodes_lost"]] == [lost_id]
+    assert [n["node_id"] for n in faults["nodes_joined"]] == [new_id]
+    assert faults["teacher_failures"] >= 1 and faults["scorers_replaced"] == 0
+    assert faults["student_restarts"] == 0 and summary["labelling"]["failed"] == 0
+    # Every teacher came back with the newest weights the student pushed.
+    assert summary["teacher_versions"] == [100, 100]
+    assert all(a["num_restarts"] >= 1 for a in actors_by_class(cluster, prefix)["TeacherWorker"])
+    assert_bank_kept(bank, redis_url, before, stats_before)
