@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup weights demo test test-slow bench clean
+.PHONY: setup weights demo test test-slow test-cluster bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: weights
 
 test-slow: weights
 	$(BIN)/python -m pytest -q -m slow
+
+# A three-node Ray cluster of its own (tests/test_cluster.py), in a pytest session of its own.
+test-cluster: weights
+	$(BIN)/python -m pytest -q -m cluster
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

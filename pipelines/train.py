@@ -31,6 +31,7 @@ from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from services.bank.store import MemoryBank
 from services.names import LABELLER
+from services.nodes import node_changes, node_table
 from services.redis_server import redact_url, redis_client, resolve_redis
 
 log = logging.getLogger("qualiteacher.train")
@@ -51,6 +52,16 @@ def init_ray(cfg: Config) -> None:
         # group cleaner cannot see its controller, warns every few seconds and cleans nothing.
         ray.init(num_cpus=cfg.ray.local_num_cpus or max(4, os.cpu_count() or 1),
                  include_dashboard=True, **kwargs)
+
+
+def warn_unplaceable(cfg: Config) -> None:
+    """Name the roles whose custom resources no node has now: their actors wait for such a
+    node (a typo in a resource name would otherwise look like a hang)."""
+    from services.placement import unplaceable_roles
+
+    for field, names in unplaceable_roles(cfg, ray.cluster_resources()).items():
+        log.warning("%s asks for %s, which no node of the cluster has now: its actors wait until "
+                    "a node with %s joins", field, ", ".join(names), "them" if len(names) > 1 else "it")
 
 
 def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
@@ -172,6 +183,7 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
     from qualiteacher.data.paired import UnpairedImages
     from services.labeller import Labeller
+    from services.placement import on_driver_node
 
     try:
         unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size,
@@ -183,6 +195,7 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     gpus = ray.cluster_resources().get("GPU", 0.0)
     labeller = ray.remote(Labeller).options(
         name=LABELLER, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=8, lifetime=None,
+        scheduling_strategy=on_driver_node(),  # shares the driver's fate, like Ray Train's controller
     ).remote(cfg.model_dump(mode="json"), redis_url, unpaired.ids, unpaired.images,
              [ray.put(flatten(teacher_state))], version, gpus)
     return labeller
@@ -192,6 +205,7 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from services.placement import train_worker_resources
     from services.student import train_loop_per_worker
 
     tc = cfg.train
@@ -199,9 +213,7 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
     # directory, like every other actor, keeps relative paths (e.g. paths.weights_dir) valid.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     use_gpu = tc.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": tc.worker_resources.num_cpus}
-    if use_gpu:
-        resources["GPU"] = max(tc.worker_resources.num_gpus, 1.0)
+    resources = train_worker_resources(tc.worker_resources, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -271,6 +283,22 @@ def bank_summary(bank: MemoryBank) -> dict:
             "bank_stats": stats}
 
 
+STUDENT_STARTS = "student_starts"  # bank meta: Ray Train worker-group starts (services/student.py)
+
+
+def _meta_int(bank: MemoryBank, field: str) -> int:
+    return int(bank.client.hget(bank.keys.meta, field) or 0)
+
+
+def faults_summary(label_stats: dict, nodes_before: dict, nodes_after: dict, student_starts: int) -> dict:
+    """What went wrong in this run and was recovered from: nodes lost and joined, teacher
+    calls lost to dead teachers, scorers replaced, Ray Train restarts of the student."""
+    return {**node_changes(nodes_before, nodes_after),
+            "teacher_failures": label_stats.get("teacher_failures", 0),
+            "scorers_replaced": label_stats.get("scorers_replaced", 0),
+            "student_restarts": max(student_starts - 1, 0)}
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     """The whole job; returns the summary written to run_dir/summary.json."""
     started = time.monotonic()
@@ -283,9 +311,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
             stack.enter_context(embedded)
         log.info("redis: %s", redact_url(redis_url))
         init_ray(cfg)
+        warn_unplaceable(cfg)
         data = prepare_data(cfg, run_dir)
         init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
         cfg = calibrate_run(cfg, run_dir, data, teacher_state)
+        nodes, starts = node_table(), _meta_int(_bank(cfg, redis_url), STUDENT_STARTS)
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
         progress = ProgressReporter(_bank(cfg, redis_url))
@@ -299,6 +329,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         teacher_versions = ray.get(labeller.teacher_versions.remote())
         ray.kill(labeller)
         summary = _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started)
+        summary["faults"] = faults_summary(label_stats, nodes, node_table(),
+                                           _meta_int(_bank(cfg, redis_url), STUDENT_STARTS) - starts)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 

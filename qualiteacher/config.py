@@ -7,6 +7,7 @@ types and out-of-range values are errors that name the field (e.g. `iqa.block_gr
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -261,12 +262,36 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard")
 
 
+# Ray's own resource names, requested through num_cpus / num_gpus or not per actor at all.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 class Resources(Strict):
     """Ray resources of one actor. num_gpus is forced to 0 where the cluster has no GPU,
-    since a GPU request on a CPU-only cluster would wait forever."""
+    since a GPU request on a CPU-only cluster would wait forever.
+
+    `resources` are custom node resources (`ray start --resources='{"scorer": 4}'`): an actor
+    that asks for one goes only to nodes that have it, which is how a config places each
+    role on a cluster (README, *Placing the roles*). While no node has it free the actor
+    waits, and Ray starts it once a node with it joins."""
 
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if not name or name != name.strip():
+                raise ValueError(f"resource name {name!r} must be non-empty, without surrounding spaces")
+            if name in RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is one of Ray's own resources: use num_cpus / num_gpus, "
+                                 "and custom names here")
+            # Ray counts resources in units of 1e-4: a smaller request would be rounded to nothing.
+            if not (math.isfinite(amount) and amount >= 1e-4):
+                raise ValueError(f"amount of {name!r} must be a finite number >= 0.0001, got {amount}")
+        return resources
 
 
 class RayConfig(Strict):

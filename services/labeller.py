@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import redis
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from qualiteacher.config import Config
 from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank
 from services.names import scorer_name, teacher_name
+from services.placement import actor_options
 from services.redis_server import redis_client
 from services.scorer import ScorerWorker
 from services.teacher import TeacherWorker
@@ -88,6 +89,10 @@ class LabellerStats:
     stale: int = 0
     retries: int = 0
     failed: int = 0
+    # Faults, for summary.json: teacher calls lost to a teacher that died (Ray restarts it),
+    # and scorers that died (their node lost, say) and were replaced by new ones.
+    teacher_failures: int = 0
+    scorers_replaced: int = 0
     dropped: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
@@ -141,7 +146,7 @@ class Labeller:
 
     # ---- actors ----
     def _resources(self, res) -> dict:
-        return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus if self.gpus > 0 else 0}
+        return actor_options(res, gpus_available=self.gpus > 0)
 
     def _start_teacher(self, index: int):
         """A restartable teacher; weights come by set_weights, so a restarted one (which
@@ -185,8 +190,12 @@ class Labeller:
             return False
 
     def _replace_scorer(self, dead: _Scorer) -> None:
+        """Called once per failed call: count the scorer once, when it leaves the pool."""
         if dead in self.scorers:
             self.scorers.remove(dead)
+            self.stats_.scorers_replaced += not dead.retiring
+            # Merely unreachable (its node cut off) is gone too: it must not come back beside its replacement.
+            ray.kill(dead.handle)
         self._reconcile_scorers()
 
     # ---- public API (called concurrently with run) ----
@@ -202,7 +211,15 @@ class Labeller:
             self.bank.set_teacher_version(int(version))
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("teacher version %d not recorded in Redis (unreachable)", version)
-        ray.get(refs)
+        for index, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except (RayActorError, ObjectLostError) as exc:
+                # A teacher that died (its node lost, say) gets the newest version when it is back
+                # (_reseed_teacher); the student's push must not fail with it, or Ray Train
+                # would restart the student.
+                log.warning("teacher %d did not take version %d (%s); it is re-seeded when back",
+                            index, version, type(exc).__name__)
         return int(version)
 
     def teacher_versions(self) -> list[int]:
@@ -355,6 +372,7 @@ class Labeller:
             self._reseed_teacher(call.teacher)
             with self.lock:
                 self.stats_.retries += 1
+                self.stats_.teacher_failures += isinstance(exc, RayActorError)
             self.relabel.append(call.batch)
             return []
         with self.lock:
@@ -372,9 +390,38 @@ class Labeller:
         with self.lock:
             ref, version = self.weights_ref, self.version
         try:
-            ray.get(self.teachers[index].set_weights.remote(ref, version), timeout=120)
+            try:
+                ray.get(self.teachers[index].set_weights.remote(ref, version), timeout=120)
+            except ObjectLostError:
+                # The newest weights were lost with their owner, the student's worker (restarted,
+                # or its node gone), before the next push.
+                self._reseed_from_peer(index)
         except Exception as exc:  # still restarting: its next label call fails and re-seeds again
             log.warning("could not re-seed teacher %d yet: %s", index, type(exc).__name__)
+
+    def _reseed_from_peer(self, index: int) -> None:
+        """Seed teacher `index` with the weights of the living teacher that holds the newest
+        version. That copy is the labeller's own (a task's return value belongs to its
+        caller), so it stands for the lost weights in later re-seeds too."""
+        held = []
+        for peer, teacher in enumerate(self.teachers):
+            if peer != index:
+                try:
+                    held.append((ray.get(teacher.get_version.remote(), timeout=30), peer))
+                except (RayActorError, GetTimeoutError):
+                    continue  # down as well
+        version, donor = max(held, default=(-1, None))
+        if donor is None or version < 0:
+            log.warning("teacher %d: the newest weights are lost and no teacher holds any; "
+                        "it waits for the next push", index)
+            return
+        ref, _ = self.teachers[donor].get_weights.options(num_returns=2).remote()
+        ray.get(self.teachers[index].set_weights.remote(ref, version), timeout=120)
+        with self.lock:
+            if version == self.version:
+                self.weights_ref = ref
+        log.warning("teacher %d re-seeded with version %d from teacher %d (the newest weights were lost)",
+                    index, version, donor)
 
     def _retry(self, call: _ScoreCall) -> _ScoreCall | None:
         with self.lock:
@@ -392,6 +439,15 @@ class Labeller:
         call.scorer.in_flight -= 1
         try:
             report = ray.get(ref)
+        except ObjectLostError as exc:
+            # The labels lived in the object store of a node that is gone (their teacher's):
+            # nothing to retry, so the batch is due again and is labelled anew.
+            log.warning("labels of %s lost with their node (%s); labelling them again",
+                        call.batch.ids, type(exc).__name__)
+            with self.lock:
+                self.stats_.retries += 1
+            call.batch.in_flight -= 1
+            return None
         except RayActorError as exc:
             # The scorer died: its batch goes to another one (gating is idempotent, so a
             # batch that was half gated before the crash is not duplicated).

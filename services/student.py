@@ -73,6 +73,11 @@ class BankBatches:
         except (redis.ConnectionError, redis.TimeoutError):
             pass  # progress is informational; training goes on
 
+    def record_start(self) -> None:
+        """Count worker-group starts: within one job, every start after the first is a
+        restart by Ray Train (a worker or its node lost), from a checkpoint or from scratch."""
+        self.bank.client.hincrby(self.bank.keys.meta, "student_starts", 1)
+
     def record_resume(self, step: int) -> None:
         """Count restarts from a checkpoint (worker failure or a re-run job), for the summary."""
         meta = self.bank.keys.meta
@@ -157,6 +162,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         log.info("supervised conditions of the %d paired targets: %s", len(paired),
                  ", ".join(f"{v:.2f}" for v in paired.levels.tolist()))
     bank = BankBatches(cfg, loop_cfg["redis_url"], rng)
+    if rank == 0:
+        bank.record_start()
     if checkpoint is not None and rank == 0:
         bank.record_resume(step)
     bank.wait_for_entries(cfg.train.bank_wait_s)

@@ -16,7 +16,7 @@ import torch
 
 from qualiteacher.config import ModelConfig
 from qualiteacher.device import pick_device
-from qualiteacher.flat_weights import FlatWeights
+from qualiteacher.flat_weights import FlatWeights, flatten
 from qualiteacher.method.augment import AUGMENTATIONS, multi_aug_pseudo_labels
 from qualiteacher.models.build import build_model
 
@@ -47,6 +47,11 @@ class TeacherWorker:
 
     def get_version(self) -> int:
         return self.version
+
+    def get_weights(self) -> tuple[FlatWeights, int]:
+        """The weights held and their version: the labeller re-seeds a restarted teacher from a
+        living one when the student's copy of the newest weights is lost (call with num_returns=2)."""
+        return flatten(self.model.state_dict()), self.version
 
     @torch.no_grad()
     def label(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -22,8 +22,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.local_cluster import free_ports, stop_node
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -424,60 +424,6 @@ def test_dockerfile_entrypoint_links_weights(tmp_path):
 
 
 # ---------------------------------------------------------------------------- ray job submit
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _kill_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only this head: its `ray start --block` process, then any process whose command
-    line names its temp dir (and their children). Never `ray stop`, which would stop every Ray
-    on the machine."""
-    import psutil
-
-    def ours() -> list[psutil.Process]:
-        found: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if p.pid not in (os.getpid(), proc.pid) and temp_dir in " ".join(p.info["cmdline"] or []):
-                    found[p.pid] = p
-                    found.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.Error:
-                continue
-        return list(found.values())
-
-    proc.terminate()  # `ray start --block` stops its processes on SIGTERM, if they let it
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass  # after a job, gcs_server and raylet can take many seconds: the test is over, kill them
-    procs = ours()
-    for p in procs:
-        with _suppress():
-            p.kill()
-    psutil.wait_procs(procs, timeout=10)
-    if proc.poll() is None:
-        with _suppress():
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        import psutil
-
-        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError, psutil.Error))
-
-
 @pytest.fixture
 def ray_head(weights_dir) -> Iterator[tuple[str, dict]]:
     """A Ray head on loopback with its own temp dir, ports and auth token."""
@@ -489,7 +435,7 @@ def ray_head(weights_dir) -> Iterator[tuple[str, dict]]:
     except ImportError:
         pytest.skip("`ray job submit` needs the Ray dashboard: install ray[default]")
     temp_dir = tempfile.mkdtemp(prefix="qtray-", dir="/tmp")  # short: Ray's socket paths are capped
-    gcs, dash, agent, client, metrics, rt_agent = _free_ports(6)
+    gcs, dash, agent, client, metrics, rt_agent = free_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "REDIS_URL"}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
@@ -522,7 +468,7 @@ def ray_head(weights_dir) -> Iterator[tuple[str, dict]]:
             time.sleep(0.5)
         yield address, env
     finally:
-        _kill_cluster(proc, temp_dir)
+        stop_node(proc, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

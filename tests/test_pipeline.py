@@ -55,6 +55,9 @@ def test_smoke_run_fills_bank_and_advances_teachers(smoke_run):
     assert (run_dir / "pretrain.pt").exists()
     assert (run_dir / "ray_train" / "student").is_dir()
     assert summary["checkpoint"] and (json.loads((run_dir / "summary.json").read_text())["checkpoint"])
+    # Nothing went wrong, and the summary says so.
+    assert on_disk["faults"] == {"nodes_lost": [], "nodes_joined": [], "teacher_failures": 0,
+                                 "scorers_replaced": 0, "student_restarts": 0}
 
 
 def test_smoke_bank_is_ordered_and_consistent(smoke_run):
@@ -135,6 +138,7 @@ def test_resume_continues_steps_and_versions(smoke_run):
     assert summary["bank_images"] >= first["bank_images"]  # the bank in Redis was reused
     assert summary["checkpoint"] != first["checkpoint"]
     assert summary["student_resumes"] == 1
+    assert summary["faults"]["student_restarts"] == 0  # a resumed job, not a restart
     # The training log goes on where it stopped: steps 1-12 once each, in TensorBoard and Redis.
     assert [e.step for e in _events(run_dir / "tensorboard").Scalars("loss/total")] == list(range(1, 13))
     from services.redis_server import EmbeddedRedis
@@ -366,6 +370,7 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     assert summary["steps"] == 24
     assert summary["teacher_version"] == 12
     assert summary["student_resumes"] == 1  # restarted once, from a checkpoint, not from scratch
+    assert summary["faults"]["student_restarts"] == 1
     assert summary["max_entries_per_image"] <= 3
     # The training log shows one pass: what the killed attempt logged after its checkpoint is
     # hidden in TensorBoard and left out by the monitor's reader.
