@@ -151,6 +151,36 @@ def test_docker_compose_config_validates():
     assert services["submit"]["command"][-3:] == ["configs/quickstart.yaml", "--run-dir", "/runs/quickstart"]
 
 
+def test_compose_images_and_ports_are_overridable():
+    """Where Docker Hub is out of reach: another Redis image, another base and torch index for the build
+    (passed only when set, else the Dockerfile's defaults), and other host ports."""
+    base = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken")
+    for var in ("REDIS_IMAGE", "BASE_IMAGE", "TORCH_INDEX_URL", "QT_MONITOR_PORT", "QT_DASHBOARD_PORT"):
+        base.pop(var, None)
+
+    def config(**env) -> dict:
+        proc = subprocess.run([*_compose_command(), "-f", str(COMPOSE), "config", "--format", "json"],
+                              capture_output=True, text=True, cwd=REPO, env=dict(base, **env), check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["services"]
+
+    default = config()
+    assert default["redis"]["image"] == "redis:7.4-alpine"
+    assert default["ray-head"]["build"]["args"] == {"TORCH_VARIANT": "cpu"}
+    assert {p["published"] for p in default["monitor"]["ports"]} == {"8000"}
+    assert "--protected-mode" in default["redis"]["command"]  # Debian's redis-server would refuse the others
+
+    mine = config(REDIS_IMAGE="qualiteacher-redis:bookworm", BASE_IMAGE="qualiteacher-base:bookworm",
+                  TORCH_INDEX_URL="", QT_MONITOR_PORT="18000", QT_DASHBOARD_PORT="18265")
+    assert mine["redis"]["image"] == "qualiteacher-redis:bookworm"
+    for name in ("ray-head", "ray-worker", "monitor"):
+        assert mine[name]["build"]["args"] == {"TORCH_VARIANT": "cpu", "BASE_IMAGE": "qualiteacher-base:bookworm",
+                                               "TORCH_INDEX_URL": ""}
+    assert [(p["host_ip"], p["published"]) for p in mine["monitor"]["ports"]] == [("127.0.0.1", "18000")]
+    assert [(p["host_ip"], p["published"]) for p in mine["ray-head"]["ports"]] == [("127.0.0.1", "18265")]
+    assert set(_dockerfile_args()) >= {"BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_VARIANT"}
+
+
 def test_compose_weights_service_runs_the_download(tmp_path):
     """As Compose resolves it: the user's folder read-write at the download's weights folder, the
     mirror passed through, and a command line the CLI parses as `weights download`."""
