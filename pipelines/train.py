@@ -168,6 +168,16 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
                      clean=_image_batches(_spread_picks(clean.images, n)), fit_scale=cfg.iqa.calibrate)
 
 
+def labeller_placement():
+    """The labeller runs on the driver's node (under `ray job submit`, the head). It owns the teacher
+    and scorer pools and is not restarted, so it must not sit on a worker node whose loss the job
+    otherwise survives (scorers are replaced, teachers restart, Ray Train retries the student); with
+    num_cpus=0 and no affinity Ray may place it on any node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
     from qualiteacher.data.paired import UnpairedImages
     from services.labeller import Labeller
@@ -182,6 +192,7 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     gpus = ray.cluster_resources().get("GPU", 0.0)
     labeller = ray.remote(Labeller).options(
         name=LABELLER, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=8, lifetime=None,
+        scheduling_strategy=labeller_placement(),
     ).remote(cfg.model_dump(mode="json"), redis_url, unpaired.ids, unpaired.images,
              [ray.put(teacher_state)], version, gpus)
     return labeller
