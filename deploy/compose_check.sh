@@ -525,8 +525,12 @@ run_job() {
     sleep 2
   done
   [ "${at:-0}" -ge 10 ] || fail "the student never reached step 10"
-  local actors victim="" best=-1 cid ip n names
+  local actors victim="" best=-1 cid ip n names head_ip
   actors=$(actors_json)
+  # The labeller (not restarted) must be on the head, where the job's driver runs.
+  head_ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$(dc ps -q ray-head)")
+  n=$(echo "$actors" | python3 -c 'import json, sys; print([a["ip"] for a in json.load(sys.stdin) if a["name"] == "labeller"])')
+  [ "$n" = "['$head_ip']" ] || fail "the labeller is on $n, not on the head ($head_ip)"
   for cid in $(dc ps -q ray-worker); do
     ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$cid")
     n=$(echo "$actors" | python3 -c 'import json, sys; print(sum(1 for a in json.load(sys.stdin) if a["ip"] == sys.argv[1]))' "$ip")
