@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Two entry points for a fresh machine: `make demo` (main job) and `make test` (test suite);
+# `make test-compose` runs the compose cluster for real (deploy/compose_check.sh, pytest -m compose).
 # Both create the virtual environment, install the project and build the offline metric
 # parameters first, so they work on a clean clone with nothing installed.
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup weights demo test test-slow test-cluster bench clean
+.PHONY: setup weights demo test test-slow test-cluster test-compose bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,10 @@ test-slow: weights
 # A three-node Ray cluster of its own (tests/test_cluster.py), in a pytest session of its own.
 test-cluster: weights
 	$(BIN)/python -m pytest -q -m cluster
+
+# Needs a Docker engine, or root to start Debian's (it skips, with the reason, where none can run).
+test-compose: setup
+	$(BIN)/python -m pytest -q -s -m compose tests/test_compose_cluster.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,8 +7,10 @@
   (its config and ``--set`` overrides load), worker groups, volumes, Redis with a PVC; the optional
   weights download step of every Ray pod (its shell toggle run with ``sh`` and a stand-in CLI).
 * ``deploy/runtime_env.yaml``: accepted by Ray's ``RuntimeEnv``.
-* ``deploy/Dockerfile``: build arguments, the files it copies, and its entrypoint script (run
-  with ``sh`` here).
+* ``deploy/Dockerfile``: build arguments, the files it copies, nothing that only BuildKit or a
+  fetched frontend reads (no ``# syntax`` line, heredoc, ``--chmod``, ``RUN --mount``), the torch
+  step's shell, and its entrypoint ``deploy/entrypoint.sh`` (run here). Building and running the
+  image for real: ``tests/test_compose_cluster.py`` (``-m compose``).
 * ``ray start --head`` on loopback (own temp dir and ports, token auth) + ``ray job submit
   --working-dir .`` of ``pipelines.train`` with the smoke config; then the monitor reads the bank
   that run left behind.
@@ -147,6 +149,36 @@ def test_docker_compose_config_validates():
     services = json.loads(proc.stdout)["services"]
     assert set(services) == {"redis", "ray-head", "ray-worker", "monitor", "submit"}
     assert services["submit"]["command"][-3:] == ["configs/quickstart.yaml", "--run-dir", "/runs/quickstart"]
+
+
+def test_compose_images_and_ports_are_overridable():
+    """Where Docker Hub is out of reach: another Redis image, another base and torch index for the build
+    (passed only when set, else the Dockerfile's defaults), and other host ports."""
+    base = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken")
+    for var in ("REDIS_IMAGE", "BASE_IMAGE", "TORCH_INDEX_URL", "QT_MONITOR_PORT", "QT_DASHBOARD_PORT"):
+        base.pop(var, None)
+
+    def config(**env) -> dict:
+        proc = subprocess.run([*_compose_command(), "-f", str(COMPOSE), "config", "--format", "json"],
+                              capture_output=True, text=True, cwd=REPO, env=dict(base, **env), check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["services"]
+
+    default = config()
+    assert default["redis"]["image"] == "redis:7.4-alpine"
+    assert default["ray-head"]["build"]["args"] == {"TORCH_VARIANT": "cpu"}
+    assert {p["published"] for p in default["monitor"]["ports"]} == {"8000"}
+    assert "--protected-mode" in default["redis"]["command"]  # Debian's redis-server would refuse the others
+
+    mine = config(REDIS_IMAGE="qualiteacher-redis:bookworm", BASE_IMAGE="qualiteacher-base:bookworm",
+                  TORCH_INDEX_URL="", QT_MONITOR_PORT="18000", QT_DASHBOARD_PORT="18265")
+    assert mine["redis"]["image"] == "qualiteacher-redis:bookworm"
+    for name in ("ray-head", "ray-worker", "monitor"):
+        assert mine[name]["build"]["args"] == {"TORCH_VARIANT": "cpu", "BASE_IMAGE": "qualiteacher-base:bookworm",
+                                               "TORCH_INDEX_URL": ""}
+    assert [(p["host_ip"], p["published"]) for p in mine["monitor"]["ports"]] == [("127.0.0.1", "18000")]
+    assert [(p["host_ip"], p["published"]) for p in mine["ray-head"]["ports"]] == [("127.0.0.1", "18265")]
+    assert set(_dockerfile_args()) >= {"BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_VARIANT"}
 
 
 def test_compose_weights_service_runs_the_download(tmp_path):
@@ -389,16 +421,79 @@ def test_dockerfile():
     assert args["BASE_IMAGE"].startswith("python:3.11")
     pins = dict(re.findall(r'"(torch|torchvision)==([^"]+)"', (REPO / "pyproject.toml").read_text()))
     assert args["TORCH_VERSION"] == pins["torch"] and args["TORCHVISION_VERSION"] == pins["torchvision"]
-    for src in re.findall(r"^COPY (?:--\S+ )*(\S+) /app/", text, flags=re.MULTILINE):
+    for src in re.findall(r"^COPY (?:--\S+ )*(\S+) /", text, flags=re.MULTILINE):
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
     assert "USER ray" in text and "ENTRYPOINT" in text
+    # The build-only pip config is an ARG (gone from the running image), not an ENV.
+    assert args["PIP_CONFIG_FILE"].startswith("/opt/qualiteacher/build-extra/")
+    assert not re.search(r"^ENV[^#]*PIP_CONFIG_FILE", text, flags=re.MULTILINE)
+
+
+def test_dockerfile_builds_with_any_builder():
+    """Nothing only BuildKit or a fetched frontend understands: the classic builder of Debian's Docker
+    20.10 and a BuildKit with no access to Docker Hub both read it."""
+    text = DOCKERFILE.read_text()
+    # A parser directive on any line before the first instruction (comments included) would make
+    # BuildKit fetch a frontend image; `# syntax` anywhere at the top is the one to keep out.
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.MULTILINE | re.IGNORECASE)
+    instructions = _dockerfile_instructions(text)
+    for line in instructions:
+        assert "<<" not in line, f"heredoc: {line[:80]}"
+        assert not re.match(r"(COPY|ADD)\s.*--chmod", line), f"--chmod needs BuildKit: {line[:80]}"
+        assert not re.match(r"RUN\s+--(mount|network|security)", line), f"RUN flags need BuildKit: {line[:80]}"
+        assert not re.match(r"(COPY|ADD)\s.*--(link|parents|exclude)", line), line[:80]
+    # The entrypoint is a file of the repository, installed executable by a RUN.
+    assert (REPO / "deploy" / "entrypoint.sh").is_file()
+    assert os.access(REPO / "deploy" / "entrypoint.sh", os.X_OK)
+    assert any("install -m 755 /app/deploy/entrypoint.sh /usr/local/bin/qt-entrypoint" in line for line in instructions)
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/qt-entrypoint"]' in instructions
+    assert (REPO / "deploy" / "build-extra" / "README.md").is_file()  # the folder COPY needs it
+
+
+def _dockerfile_instructions(text: str) -> list[str]:
+    """Instructions with their continuation lines joined and comment lines dropped."""
+    out, current = [], ""
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        current += raw.rstrip("\\").strip() + " " if raw.endswith("\\") else raw.strip()
+        if not raw.endswith("\\"):
+            out.append(current)
+            current = ""
+    return out
+
+
+def test_dockerfile_torch_index_trusts_a_plain_http_mirror(tmp_path):
+    """The torch step's shell: an http:// TORCH_INDEX_URL adds --trusted-host for its host, an https://
+    one does not, an empty one leaves pip its own index."""
+    [run] = [line for line in _dockerfile_instructions(DOCKERFILE.read_text()) if "torch==${TORCH_VERSION}" in line]
+    script = run[len("RUN "):].replace("pip install", "printf '%s\\n'", 1)
+    env = dict(os.environ, TORCH_VERSION="2.14.1", TORCHVISION_VERSION="0.29.1")
+    cases = {
+        "http://172.17.0.1:40123/simple/": ["--index-url", "http://172.17.0.1:40123/simple/", "--trusted-host",
+                                            "172.17.0.1"],
+        "https://download.pytorch.org/whl/cpu": ["--index-url", "https://download.pytorch.org/whl/cpu"],
+        "": [],
+    }
+    for url, expected in cases.items():
+        proc = subprocess.run(["sh", "-c", script], env=dict(env, TORCH_INDEX_URL=url), capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [*expected, "torch==2.14.1", "torchvision==0.29.1"], url
+
+
+def test_dockerignore_files_agree():
+    """The classic builder reads only the root .dockerignore, BuildKit deploy/Dockerfile.dockerignore."""
+    root = (REPO / ".dockerignore").read_text()
+    assert root == (REPO / "deploy" / "Dockerfile.dockerignore").read_text()
+    patterns = {line for line in root.splitlines() if line and not line.startswith("#")}
+    assert {".git", ".venv", "runs", "weights"} <= patterns
+    assert not any(p.startswith("deploy") for p in patterns)  # deploy/build-extra goes into the build
 
 
 def test_dockerfile_entrypoint_links_weights(tmp_path):
-    text = DOCKERFILE.read_text()
-    script = re.search(r"<<'EOF' /usr/local/bin/qt-entrypoint\n(.*?)\nEOF\n", text, flags=re.DOTALL).group(1)
-    entry = tmp_path / "qt-entrypoint"
-    entry.write_text(script + "\n")
+    entry = REPO / "deploy" / "entrypoint.sh"
+    assert entry.read_text().startswith("#!/bin/sh\n")
     src, baked, weights = tmp_path / "src", tmp_path / "baked", tmp_path / "weights"
     (src / "hub" / "clip").mkdir(parents=True)
     (src / "hub" / "clip" / "RN50.pt").write_text("clip")
@@ -410,7 +505,7 @@ def test_dockerfile_entrypoint_links_weights(tmp_path):
     env = dict(os.environ, QUALITEACHER_WEIGHTS=str(weights), QUALITEACHER_WEIGHTS_SRC=str(src),
                QUALITEACHER_BAKED_WEIGHTS=str(baked))
     for _ in range(2):  # idempotent
-        proc = subprocess.run(["sh", str(entry), "sh", "-c", "echo ran"], env=env, capture_output=True,
+        proc = subprocess.run([str(entry), "sh", "-c", "echo ran"], env=env, capture_output=True,
                               text=True, check=False)
         assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr
     assert (weights / "hub" / "clip" / "RN50.pt").read_text() == "clip"

@@ -116,3 +116,24 @@ def test_scale_command_reaches_running_job(ray_cluster, weights_dir, redis_url):
     assert ray.get(done, timeout=120)["scorers"] == 2
     assert main(["scale", "scorers", "1", "--namespace", "no-such-job"]) == 2
     ray.kill(labeller)
+
+
+def test_labeller_is_placed_on_the_driver_node(ray_cluster):
+    """The job's labeller is not restarted: it goes on the driver's node (the head under `ray job submit`),
+    never on a worker whose loss the job must survive (deploy/compose_check.sh kills one mid-run)."""
+    from services.placement import on_driver_node
+
+    strategy = on_driver_node()
+    here = ray.get_runtime_context().get_node_id()
+    assert strategy.node_id == here and strategy.soft is False
+
+    @ray.remote(num_cpus=0)
+    class Where:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    actor = Where.options(scheduling_strategy=strategy).remote()
+    try:
+        assert ray.get(actor.node.remote(), timeout=60) == here
+    finally:
+        ray.kill(actor)
