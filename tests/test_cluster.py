@@ -229,7 +229,10 @@ def test_the_teachers_node_lost_mid_run_comes_back_on_a_new_node(cluster, redis_
     faults = summary["faults"]
     assert [n["node_id"] for n in faults["nodes_lost"]] == [lost_id]
     assert [n["node_id"] for n in faults["nodes_joined"]] == [new_id]
-    assert faults["teacher_failures"] >= 1 and faults["scorers_replaced"] == 0
+    # faults["teacher_failures"] counts label calls that died with a teacher: 0 when the node
+    # went down while no call was in flight (the labeller waits for the next push), so the
+    # teachers' restarts are read from Ray's actor table below instead.
+    assert faults["scorers_replaced"] == 0
     assert faults["student_restarts"] == 0 and summary["labelling"]["failed"] == 0
     # Every teacher came back with the newest weights the student pushed.
     assert summary["teacher_versions"] == [100, 100]
