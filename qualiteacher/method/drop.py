@@ -14,6 +14,7 @@ come from config, and `calibrate_thresholds` derives them from observed statisti
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,12 @@ class DropDecision:
     aug_stat: torch.Tensor  # (N,) worst spread across augmentations
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for reason in self.reasons:
-            if reason != KEPT:
-                out[reason] = out.get(reason, 0) + 1
-        return out
+        return drop_counts(self.reasons)
+
+
+def drop_counts(reasons: list[str]) -> dict[str, int]:
+    """Reason -> number of sets dropped for it (kept sets not counted)."""
+    return dict(Counter(r for r in reasons if r != KEPT))
 
 
 def dual_drop(normalized: torch.Tensor, tau_multi: float, tau_aug: float, enabled: bool = True) -> DropDecision:

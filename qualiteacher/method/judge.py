@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from qualiteacher.method.drop import KEPT, NON_FINITE, dual_drop
+from qualiteacher.method.drop import NON_FINITE, drop_counts, dual_drop
 from qualiteacher.method.ladder import ladder_rungs
 
 
@@ -50,11 +50,7 @@ class Verdict:
 
     def drop_counts(self) -> dict[str, int]:
         """Reason -> number of sets dropped for it."""
-        out: dict[str, int] = {}
-        for reason in self.reasons:
-            if reason != KEPT:
-                out[reason] = out.get(reason, 0) + 1
-        return out
+        return drop_counts(self.reasons)
 
     def raw_scores(self, i: int, j: int) -> dict[str, float]:
         return {m: float(self.raw[m][i, j]) for m in self.names}
