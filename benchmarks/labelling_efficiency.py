@@ -92,9 +92,11 @@ def shared_inputs(cfg, root: Path) -> list[str]:
     """Make the data sets and the stage-1 teacher once; overrides that point a run at them."""
     from pipelines.pretrain import pretrain
     from pipelines.train import prepare_data
+    from qualiteacher.run_dir import RunDir
 
-    data = prepare_data(cfg, root)
-    stage1 = root / "pretrain.pt"
+    shared = RunDir(root)  # laid out as a run folder: its data sets and stage-1 teacher
+    data = prepare_data(cfg, shared)
+    stage1 = shared.pretrain
     pretrain(cfg, data["paired_input"], data["paired_target"], stage1, log=lambda _msg: None)
     return [f"data.paired_input_dir={data['paired_input']}", f"data.paired_target_dir={data['paired_target']}",
             f"data.unpaired_dir={data['unpaired']}", f"pretrain.checkpoint={stage1}"]

@@ -230,8 +230,9 @@ def calibrated_sweep(sweep: list[dict], common: set[str], ensemble, run_dir: Pat
     import torch
 
     from qualiteacher.calibration import Calibration
+    from qualiteacher.run_dir import RunDir
 
-    path = run_dir / "calibration.json"
+    path = RunDir(run_dir).calibration
     if not path.exists() or not common:
         return None
     fitted = ensemble.with_ranges(Calibration.load(path).ranges)
@@ -402,10 +403,11 @@ def _run_info(summary: dict, run_dir: Path) -> dict:
 def _existing_runs(task_dir: Path):
     """--evaluate-only: what an earlier run of this script left in ``task_dir``."""
     from qualiteacher.data.samples import SPLITS
+    from qualiteacher.run_dir import RunDir
 
     sets = {split: task_dir / "data" / split for split in SPLITS}
     stage1 = {"baseline": task_dir / "pretrain.pt", "qualiteacher": task_dir / "pretrain_conditioned.pt"}
-    summaries = {mode: task_dir / mode / "summary.json" for mode in ("qualiteacher", "baseline")}
+    summaries = {mode: RunDir(task_dir / mode).summary for mode in ("qualiteacher", "baseline")}
     missing = [str(p) for p in [*sets.values(), *stage1.values(), *summaries.values()] if not p.exists()]
     if missing:
         raise FileNotFoundError(f"--evaluate-only needs a finished earlier run in {task_dir}; missing {missing}")

@@ -14,6 +14,7 @@ import numpy as np
 
 from qualiteacher.config import Config
 from qualiteacher.imageio import list_images, read_image
+from qualiteacher.run_dir import RunDir
 
 DEMO_SCORES = (3.0, 5.0, 7.0)
 CONTROL_SCORES = tuple(float(s) for s in range(8))
@@ -41,13 +42,14 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
     print(f"[demo] training on task '{cfg.data.task}' in {run_dir} (local Ray, embedded Redis)")
     summary = run(cfg, run_dir)
     print(f"[demo] trained {headline_line(summary)}")
-    test_in, test_gt = run_dir / "data" / "test" / "input", run_dir / "data" / "test" / "target"
+    run_folder = RunDir(run_dir)
+    test_in, test_gt = run_folder.data_split("test/input"), run_folder.data_split("test/target")
     ensemble = IQAEnsemble.from_config(cfg)
     rows = [("degraded input", test_in)]
-    teacher_out = run_dir / "restored" / "stage1_teacher"
-    restore_folder(run_dir / "pretrain.pt", test_in, teacher_out, score=cfg.model.score_cap)
+    teacher_out = run_folder.restored("stage1_teacher")
+    restore_folder(run_folder.pretrain, test_in, teacher_out, score=cfg.model.score_cap)
     rows.append(("stage-1 teacher", teacher_out))
-    swept = {score: restored_at(summary, test_in, run_dir, score) for score in CONTROL_SCORES}
+    swept = {score: restored_at(summary, test_in, run_folder, score) for score in CONTROL_SCORES}
     rows += [(f"student @ score {score:g}", swept[score]) for score in DEMO_SCORES]
     print(f"\n{'images':<22} {'PSNR vs hidden GT':>18} {'NR ensemble (0-10)':>20}  folder")
     for label, folder in rows:
@@ -55,16 +57,16 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
         nr = float(np.mean([r["ensemble"] for r in results])) if results else float("nan")
         print(f"{label:<22} {mean_psnr(folder, test_gt):>18.2f} {nr:>20.2f}  {folder}")
     print(controllability_line(swept, test_gt))
-    print(f"\n[demo] summary: {run_dir / 'summary.json'}")
-    print(f"[demo] training curves and probe images: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"\n[demo] summary: {run_folder.summary}")
+    print(f"[demo] training curves and probe images: tensorboard --logdir {run_folder.tensorboard}")
     return 0
 
 
-def restored_at(summary: dict, test_in: Path, run_dir: Path, score: float) -> Path:
+def restored_at(summary: dict, test_in: Path, run_folder: RunDir, score: float) -> Path:
     """The test inputs restored by the trained student at `score` (restored/score_<s>)."""
     from pipelines.restore import restore_folder
 
-    out = run_dir / "restored" / f"score_{score:g}"
+    out = run_folder.restored(f"score_{score:g}")
     restore_folder(Path(summary["checkpoint"]), test_in, out, score=score)
     return out
 

@@ -29,13 +29,13 @@ from qualiteacher.checkpoint import load_training_state
 from qualiteacher.config import Config, ConfigError, load_config
 from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
+from qualiteacher.run_dir import TRAIN_RUN_NAME, RunDir
 from services.bank.store import MemoryBank
 from services.names import LABELLER
 from services.nodes import node_changes, node_table
 from services.redis_server import redact_url, redis_client, resolve_redis
 
 log = logging.getLogger("qualiteacher.train")
-TRAIN_RUN_NAME = "student"
 
 
 def init_ray(cfg: Config) -> None:
@@ -64,7 +64,7 @@ def warn_unplaceable(cfg: Config) -> None:
                     "a node with %s joins", field, ", ".join(names), "them" if len(names) > 1 else "it")
 
 
-def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
+def prepare_data(cfg: Config, run_folder: RunDir) -> dict[str, Path]:
     """User folders from config, else the bundled samples with synthetic degradations.
 
     Absolute paths: they are handed to Ray actors and Ray Train workers, whose working
@@ -77,37 +77,28 @@ def prepare_data(cfg: Config, run_dir: Path) -> dict[str, Path]:
                 "paired_target": Path(d.paired_target_dir).resolve(), "unpaired": Path(d.unpaired_dir).resolve()}
     from qualiteacher.data.samples import SPLITS, make_task_sets
 
-    root = run_dir.resolve() / "data"
-    sets = {split: root / split for split in SPLITS}
+    sets = {split: run_folder.data_split(split) for split in SPLITS}
     if not all(p.is_dir() and any(p.iterdir()) for p in sets.values()):
         # Deterministic in (task, seed): a resumed run finds the same sets already there.
-        sets = make_task_sets(d.task, root, seed=cfg.seed, size=cfg.labelling.image_size or 128, overwrite=True)
+        sets = make_task_sets(d.task, run_folder.data, seed=cfg.seed, size=cfg.labelling.image_size or 128, overwrite=True)
     return {"paired_input": sets["paired/input"], "paired_target": sets["paired/target"],
             "unpaired": sets["unpaired/input"], "test_input": sets["test/input"],
             "test_target": sets["test/target"]}
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Ray Train checkpoint folder of this run, if any. Absolute: summary.json
-    names it, and a relative path would be read against the run folder, not the cwd."""
-    root = run_dir.resolve() / "ray_train" / TRAIN_RUN_NAME
-    found = sorted(root.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
-    return next((p for p in reversed(found) if (p / "state.pt").exists()), None)
-
-
-def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[dict, dict, int]:
+def initial_teacher(cfg: Config, run_folder: RunDir, data: dict[str, Path]) -> tuple[dict, dict, int]:
     """(student init state, teacher state, teacher version) for this run."""
     from pipelines.pretrain import pretrain
     from qualiteacher.checkpoint import load_restorer
 
-    stage1 = cfg.pretrain.checkpoint or run_dir / "pretrain.pt"
+    stage1 = cfg.pretrain.checkpoint or run_folder.pretrain
     if not Path(stage1).exists():
         log.info("pretraining the stage-1 teacher (%d steps)", cfg.pretrain.steps)
         pretrain(cfg, data["paired_input"], data["paired_target"], Path(stage1), log=log.info)
     # Built from this run's model config: a stage-1 file with or without score injection fits.
     model, _ = load_restorer(Path(stage1), model_cfg=cfg.model)
     init_state = model.state_dict()
-    resume = latest_checkpoint(run_dir)
+    resume = run_folder.latest_checkpoint()
     if resume is None:
         return init_state, init_state, 0
     state = load_training_state(resume)
@@ -115,10 +106,7 @@ def initial_teacher(cfg: Config, run_dir: Path, data: dict[str, Path]) -> tuple[
     return init_state, state["ema"]["teacher"], int(state["teacher_version"])
 
 
-CALIBRATION_FILE = "calibration.json"
-
-
-def calibrate_run(cfg: Config, run_dir: Path, data: dict[str, Path], teacher_state: dict) -> Config:
+def calibrate_run(cfg: Config, run_folder: RunDir, data: dict[str, Path], teacher_state: dict) -> Config:
     """The config with `iqa.ranges` fitted to the run's data (with `iqa.calibrate`) and the
     drop thresholds fitted on the run's scale (with `drop.calibrate_keep`); see
     `qualiteacher.calibration`.
@@ -130,7 +118,7 @@ def calibrate_run(cfg: Config, run_dir: Path, data: dict[str, Path], teacher_sta
 
     if not cfg.iqa.calibrate and cfg.drop.calibrate_keep is None:
         return cfg
-    path = run_dir / CALIBRATION_FILE
+    path = run_folder.calibration
     if path.exists():
         fitted = Calibration.load(path)
     else:
@@ -201,7 +189,7 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     return labeller
 
 
-def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_state: dict, version: int):
+def run_student(cfg: Config, run_folder: RunDir, redis_url: str, data: dict, init_state: dict, version: int):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -219,11 +207,11 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "redis_url": redis_url,
             "paired_input_dir": str(data["paired_input"]), "paired_target_dir": str(data["paired_target"]),
-            "unpaired_dir": str(data["unpaired"]), "run_dir": str(run_dir.resolve()),
+            "unpaired_dir": str(data["unpaired"]), "run_dir": str(run_folder.root),
             "init_state": [ray.put(init_state)], "init_version": version,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str((run_dir / "ray_train").resolve()),
+        run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str(run_folder.ray_train),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     return trainer.fit()
@@ -303,40 +291,41 @@ def run(cfg: Config, run_dir: Path) -> dict:
     """The whole job; returns the summary written to run_dir/summary.json."""
     started = time.monotonic()
     preflight(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder = RunDir(run_dir)
+    run_folder.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     with ExitStack() as stack:
-        redis_url, embedded = resolve_redis(cfg.redis.url, run_dir / "redis")
+        redis_url, embedded = resolve_redis(cfg.redis.url, run_folder.redis)
         if embedded is not None:
             stack.enter_context(embedded)
         log.info("redis: %s", redact_url(redis_url))
         init_ray(cfg)
         warn_unplaceable(cfg)
-        data = prepare_data(cfg, run_dir)
-        init_state, teacher_state, version = initial_teacher(cfg, run_dir, data)
-        cfg = calibrate_run(cfg, run_dir, data, teacher_state)
+        data = prepare_data(cfg, run_folder)
+        init_state, teacher_state, version = initial_teacher(cfg, run_folder, data)
+        cfg = calibrate_run(cfg, run_folder, data, teacher_state)
         nodes, starts = node_table(), _meta_int(_bank(cfg, redis_url), STUDENT_STARTS)
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
         progress = ProgressReporter(_bank(cfg, redis_url))
         progress.start()
         try:
-            result = run_student(cfg, run_dir, redis_url, data, init_state, version)
+            result = run_student(cfg, run_folder, redis_url, data, init_state, version)
         finally:
             progress.stop()
             labeller.stop.remote()
         label_stats = ray.get(labelling)
         teacher_versions = ray.get(labeller.teacher_versions.remote())
         ray.kill(labeller)
-        summary = _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started)
+        summary = _summary(cfg, run_folder, redis_url, result, label_stats, teacher_versions, started)
         summary["faults"] = faults_summary(label_stats, nodes, node_table(),
                                            _meta_int(_bank(cfg, redis_url), STUDENT_STARTS) - starts)
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run_folder.summary, summary)
     return summary
 
 
-def _summary(cfg, run_dir, redis_url, result, label_stats, teacher_versions, started) -> dict:
-    checkpoint = latest_checkpoint(run_dir)
+def _summary(cfg, run_folder: RunDir, redis_url, result, label_stats, teacher_versions, started) -> dict:
+    checkpoint = run_folder.latest_checkpoint()
     state = load_training_state(checkpoint) if checkpoint else {"step": 0, "teacher_version": 0}
     summary = {
         "steps": int(state["step"]),

@@ -37,12 +37,10 @@ from qualiteacher.config import ModelConfig
 from qualiteacher.fileio import atomic_write
 from qualiteacher.models.build import build_model, load_backbone_state
 from qualiteacher.models.injection import unwrap
+from qualiteacher.run_dir import RunDir, StateDir
 
 MODEL_FORMAT = "qualiteacher-model/1"
 STATE_FORMAT = "qualiteacher-state/1"
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-SUMMARY_FILE = "summary.json"
 _RESERVED = frozenset({"format", "model", "model_config"})
 # Model config fields that may differ between a file and the model it is loaded into:
 # score injection is added on top of a backbone without changing the backbone's weights.
@@ -104,7 +102,7 @@ def save_training_state(
     model_cfg: ModelConfig,
 ) -> Path:
     """Write ``directory/state.pt`` then ``directory/meta.json``, each atomically."""
-    directory = Path(directory)
+    folder = StateDir(Path(directory))
     state = {
         "format": STATE_FORMAT,
         "student": _to_cpu(_strip_module_prefix(student_state)),
@@ -114,10 +112,10 @@ def save_training_state(
         "teacher_version": int(teacher_version),
         "model_config": model_cfg.model_dump(mode="json"),
     }
-    atomic_write(directory / STATE_FILE, lambda fh: torch.save(state, fh))
+    atomic_write(folder.state, lambda fh: torch.save(state, fh))
     meta = {"format": STATE_FORMAT, "step": int(step), "teacher_version": int(teacher_version)}
-    atomic_write(directory / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    return directory
+    atomic_write(folder.meta, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return folder.root
 
 
 # --------------------------------------------------------------------------- reading
@@ -179,7 +177,7 @@ def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_training_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``directory/state.pt``: keys student, ema, optimizer, step, teacher_version,
     model_config (a validated ``ModelConfig``) and format."""
-    path = Path(directory) / STATE_FILE
+    path = StateDir(Path(directory)).state
     obj = _safe_load(path)
     if obj["format"] != STATE_FORMAT:
         raise CheckpointError(f"{str(path)!r} is a model file, not a training state")
@@ -208,20 +206,21 @@ def _resolve(path: Path, depth: int = 0) -> tuple[Path, dict[str, Any]]:
     """Find the checkpoint behind ``path`` (file, state folder, or run folder) and load it."""
     if path.is_file():
         return path, _safe_load(path)
-    if (path / STATE_FILE).is_file():
-        return path / STATE_FILE, _safe_load(path / STATE_FILE)
+    state = StateDir(path)
+    if state.complete():
+        return state.state, _safe_load(state.state)
     if depth < 3 and path.is_dir():
-        target = _summary_checkpoint(path)
+        target = _summary_checkpoint(RunDir(path))
         if target is not None:
             return _resolve(target, depth + 1)
     raise CheckpointError(
         f"no checkpoint at {str(path)!r}: expected a model .pt file, a folder holding "
-        f"{STATE_FILE}, or a run folder whose {SUMMARY_FILE} names a checkpoint"
+        f"{state.state.name}, or a run folder whose {RunDir(path).summary.name} names a checkpoint"
     )
 
 
-def _summary_checkpoint(run_dir: Path) -> Path | None:
-    summary = run_dir / SUMMARY_FILE
+def _summary_checkpoint(run: RunDir) -> Path | None:
+    summary = run.summary
     if not summary.is_file():
         return None
     try:
@@ -230,8 +229,7 @@ def _summary_checkpoint(run_dir: Path) -> Path | None:
         return None
     if not isinstance(ref, str) or not ref:
         return None
-    target = Path(ref)
-    return target if target.is_absolute() else run_dir / target
+    return run.named(ref)
 
 
 def load_restorer(

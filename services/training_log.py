@@ -19,6 +19,7 @@ import torch
 from qualiteacher.config import Config
 from qualiteacher.imageio import encode_png
 from qualiteacher.probe import load_probe_set, restore_probes, side_by_side
+from qualiteacher.run_dir import RunDir
 from qualiteacher.training_log import (
     PROBE_INPUT,
     Rate,
@@ -33,7 +34,6 @@ from services.training_stream import TrainingStream
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-TENSORBOARD_DIR = "tensorboard"
 
 
 class TrainingLog:
@@ -54,7 +54,7 @@ class TrainingLog:
         logs those steps again), and a start at 0 clears the stream of an earlier run."""
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=10)
+        writer = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=start_step + 1, flush_secs=10)
         probes = None
         if cfg.train.probe_every_pushes:
             probes = load_probe_set(unpaired_dir, cfg.train.probe_images, cfg.labelling.image_size,

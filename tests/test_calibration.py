@@ -109,25 +109,26 @@ def unpaired_dir(tmp_path, calibration_dir):
 
 
 def test_calibrate_run_saves_once_and_reuses_on_resume(tmp_path, unpaired_dir, weights_dir):
-    from pipelines.train import CALIBRATION_FILE, calibrate_run
+    from pipelines.train import calibrate_run
     from qualiteacher.models.build import build_model
+    from qualiteacher.run_dir import RunDir
 
     overrides = ["iqa.calibrate=true", "drop.calibrate_keep=0.8", "labelling.image_size=96",
                  f"paths.weights_dir={weights_dir}", "iqa.ranges={piqe: [1.0, 99.0]}"]
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     state = build_model(cfg.model).state_dict()
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    fitted = calibrate_run(cfg, run_dir, _data(unpaired_dir), state)
-    saved = Calibration.load(run_dir / CALIBRATION_FILE)
+    run_folder = RunDir(tmp_path / "run")
+    run_folder.root.mkdir()
+    fitted = calibrate_run(cfg, run_folder, _data(unpaired_dir), state)
+    saved = Calibration.load(tmp_path / "run" / "calibration.json")
     assert saved.images == 5
     assert fitted.iqa.ranges["brisque"] == saved.ranges["brisque"] != (0.0, 150.0)
     assert fitted.iqa.ranges["piqe"] == (1.0, 99.0)  # set by hand: wins over the fit
     assert (fitted.drop.tau_multi, fitted.drop.tau_aug) == (saved.tau_multi, saved.tau_aug)
     assert cfg.iqa.ranges == {"piqe": (1.0, 99.0)}  # the caller's config is not changed
     # A resumed run reads the file: no images or teacher needed, the same config comes back.
-    again = calibrate_run(cfg, run_dir, _data(tmp_path / "missing"), {})
+    again = calibrate_run(cfg, run_folder, _data(tmp_path / "missing"), {})
     assert again == fitted
     # The config survives the JSON round trip that carries it to the actors.
     assert type(fitted).model_validate(fitted.model_dump(mode="json")) == fitted
@@ -139,11 +140,12 @@ def _data(folder):
 
 
 def test_calibration_off_changes_nothing(tmp_path, unpaired_dir):
-    from pipelines.train import CALIBRATION_FILE, calibrate_run
+    from pipelines.train import calibrate_run
+    from qualiteacher.run_dir import RunDir
 
     cfg = load_config(None)
-    assert calibrate_run(cfg, tmp_path, _data(unpaired_dir), {}) is cfg
-    assert not (tmp_path / CALIBRATION_FILE).exists()
+    assert calibrate_run(cfg, RunDir(tmp_path), _data(unpaired_dir), {}) is cfg
+    assert not (tmp_path / "calibration.json").exists()
 
 
 def test_drop_thresholds_fitted_on_the_fixed_scale(tmp_path, unpaired_dir, weights_dir):
@@ -151,10 +153,11 @@ def test_drop_thresholds_fitted_on_the_fixed_scale(tmp_path, unpaired_dir, weigh
     the thresholds are fitted on that scale, and the worst sets are dropped."""
     from pipelines.train import calibrate_run
     from qualiteacher.models.build import build_model
+    from qualiteacher.run_dir import RunDir
 
     cfg = load_config(None, ["drop.calibrate_keep=0.6", "labelling.image_size=96", f"paths.weights_dir={weights_dir}"])
     torch.manual_seed(0)
-    fitted = calibrate_run(cfg, tmp_path, _data(unpaired_dir), build_model(cfg.model).state_dict())
+    fitted = calibrate_run(cfg, RunDir(tmp_path), _data(unpaired_dir), build_model(cfg.model).state_dict())
     assert fitted.iqa.ranges == {} and fitted.iqa == cfg.iqa
     assert (fitted.drop.tau_multi, fitted.drop.tau_aug) != (cfg.drop.tau_multi, cfg.drop.tau_aug)
 

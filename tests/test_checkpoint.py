@@ -164,7 +164,7 @@ def test_training_state_roundtrip(tmp_path):
 
 
 def test_run_folder_layouts(tmp_path, monkeypatch):
-    from pipelines.train import TRAIN_RUN_NAME, latest_checkpoint
+    from qualiteacher.run_dir import TRAIN_RUN_NAME, RunDir
 
     cfg = tiny_cfg()
     # The train job's layout, run from another folder with a relative --run-dir: its
@@ -174,7 +174,7 @@ def test_run_folder_layouts(tmp_path, monkeypatch):
     older = make_training_state(run / "ray_train" / TRAIN_RUN_NAME / "checkpoint_000000", cfg, seed=1)[-1]
     os.utime(older, (1, 1))  # newest by mtime, as Ray Train writes them
     student, *_ = make_training_state(run / "ray_train" / TRAIN_RUN_NAME / "checkpoint_000001", cfg)
-    newest = latest_checkpoint(Path("run"))
+    newest = RunDir(Path("run")).latest_checkpoint()
     assert newest == run / "ray_train" / TRAIN_RUN_NAME / "checkpoint_000001"
     (run / "summary.json").write_text(json.dumps({"checkpoint": str(newest)}))
     assert_same_weights(student, load_restorer(Path("run"))[0])

@@ -388,14 +388,15 @@ def test_data_paths_are_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
     from pathlib import Path
 
     from pipelines.train import prepare_data
+    from qualiteacher.run_dir import RunDir
 
     cfg = _cfg("paths")
     user_cfg = _cfg("paths", "data.paired_input_dir=in", "data.paired_target_dir=gt", "data.unpaired_dir=real")
     monkeypatch.chdir(tmp_path)
-    bundled = prepare_data(cfg, Path("rel_run"))
+    bundled = prepare_data(cfg, RunDir(Path("rel_run")))
     assert all(p.is_absolute() and p.is_dir() for p in bundled.values()), bundled
     assert bundled["paired_input"] == tmp_path / "rel_run" / "data" / "paired" / "input"
     for name in ("in", "gt", "real"):
         (tmp_path / name).mkdir()
-    user = prepare_data(user_cfg, Path("rel_run"))
+    user = prepare_data(user_cfg, RunDir(Path("rel_run")))
     assert user == {"paired_input": tmp_path / "in", "paired_target": tmp_path / "gt", "unpaired": tmp_path / "real"}
