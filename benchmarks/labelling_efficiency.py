@@ -65,7 +65,7 @@ class StepClock(threading.Thread):
 
         while not self.done.wait(self.interval):
             try:
-                step = int(self.bank.client.hget(self.bank.keys.meta, "student_step") or 0)
+                step = self.bank.status.read().student_step
             except redis.RedisError:
                 continue
             if step > self.last[0]:

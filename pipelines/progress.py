@@ -11,21 +11,17 @@ from services.bank.store import MemoryBank
 log = logging.getLogger("qualiteacher.progress")
 
 
-def _meta(bank: MemoryBank) -> dict[str, str]:
-    raw = bank.client.hgetall(bank.keys.meta)
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
 def progress_line(bank: MemoryBank) -> tuple[int, int, str]:
     """(step, total steps, one-line description) from what rank 0 and the gate recorded."""
-    meta, stats = _meta(bank), bank.stats()
-    step, total = int(meta.get("student_step", 0)), int(meta.get("student_steps", 0))
+    status, stats = bank.status.read(), bank.stats()
+    step, total = status.student_step, status.student_steps
     drops = stats.get("drops", {})
     counters = stats.get("counters", {})
     sets = int(counters.get("gate_calls", 0)) + sum(drops.values())
     drop_rate = sum(drops.values()) / sets if sets else 0.0
-    text = (f"version {meta.get('teacher_version', '0')}  bank {stats.get('images', 0)} img / "
-            f"{stats.get('entries', 0)} PLs  drop {drop_rate:.0%}  loss {meta.get('student_loss', '-')}")
+    loss = "-" if status.student_loss is None else f"{status.student_loss:.5f}"
+    text = (f"version {status.teacher_version or 0}  bank {stats.get('images', 0)} img / "
+            f"{stats.get('entries', 0)} PLs  drop {drop_rate:.0%}  loss {loss}")
     return step, total, text
 
 

@@ -271,13 +271,6 @@ def bank_summary(bank: MemoryBank) -> dict:
             "bank_stats": stats}
 
 
-STUDENT_STARTS = "student_starts"  # bank meta: Ray Train worker-group starts (services/student.py)
-
-
-def _meta_int(bank: MemoryBank, field: str) -> int:
-    return int(bank.client.hget(bank.keys.meta, field) or 0)
-
-
 def faults_summary(label_stats: dict, nodes_before: dict, nodes_after: dict, student_starts: int) -> dict:
     """What went wrong in this run and was recovered from: nodes lost and joined, teacher
     calls lost to dead teachers, scorers replaced, Ray Train restarts of the student."""
@@ -304,7 +297,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         data = prepare_data(cfg, run_folder)
         init_state, teacher_state, version = initial_teacher(cfg, run_folder, data)
         cfg = calibrate_run(cfg, run_folder, data, teacher_state)
-        nodes, starts = node_table(), _meta_int(_bank(cfg, redis_url), STUDENT_STARTS)
+        nodes, starts = node_table(), _bank(cfg, redis_url).status.read().student_starts
         labeller = start_labeller(cfg, redis_url, data["unpaired"], teacher_state, version)
         labelling = labeller.run.remote()
         progress = ProgressReporter(_bank(cfg, redis_url))
@@ -319,7 +312,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         ray.kill(labeller)
         summary = _summary(cfg, run_folder, redis_url, result, label_stats, teacher_versions, started)
         summary["faults"] = faults_summary(label_stats, nodes, node_table(),
-                                           _meta_int(_bank(cfg, redis_url), STUDENT_STARTS) - starts)
+                                           _bank(cfg, redis_url).status.read().student_starts - starts)
     atomic_write_json(run_folder.summary, summary)
     return summary
 
@@ -341,7 +334,7 @@ def _summary(cfg, run_folder: RunDir, redis_url, result, label_stats, teacher_ve
     }
     bank = _bank(cfg, redis_url)
     summary.update(bank_summary(bank))
-    summary["student_resumes"] = int(bank.client.hget(bank.keys.meta, "student_resumes") or 0)
+    summary["student_resumes"] = bank.status.read().student_resumes
     return summary
 
 

@@ -142,7 +142,7 @@ class Labeller:
         self.desired_scorers = self.lab.scorers
         self.published_scorers: int | None = None  # the count last written to the bank
         self._reconcile_scorers()
-        self.bank.set_teacher_version(self.version)
+        self.bank.status.set_teacher_version(self.version)
 
     # ---- actors ----
     def _resources(self, res) -> dict:
@@ -176,7 +176,7 @@ class Labeller:
         # Written when it changes (this runs every loop turn), and retried on the next turn
         # while Redis is away: a monitor's number must not end the run.
         if self.published_scorers != self.desired_scorers and self._bookkeeping(
-                "scorer count", self.bank.set_scorer_count, self.desired_scorers):
+                "scorer count", self.bank.status.set_scorer_count, self.desired_scorers):
             self.published_scorers = self.desired_scorers
 
     @staticmethod
@@ -208,7 +208,7 @@ class Labeller:
             refs = [t.set_weights.remote(self.weights_ref, self.version) for t in self.teachers]
         self.wake.set()  # every batch is due again
         try:
-            self.bank.set_teacher_version(int(version))
+            self.bank.status.set_teacher_version(int(version))
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("teacher version %d not recorded in Redis (unreachable)", version)
         for index, ref in enumerate(refs):

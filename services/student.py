@@ -68,21 +68,18 @@ class BankBatches:
     def report_progress(self, step: int, total: int, loss: float) -> None:
         """Rank 0's step and loss, for the driver's progress line and the monitor."""
         try:
-            self.bank.client.hset(self.bank.keys.meta, mapping={
-                "student_step": step, "student_steps": total, "student_loss": f"{loss:.5f}"})
+            self.bank.status.report_progress(step, total, loss)
         except (redis.ConnectionError, redis.TimeoutError):
             pass  # progress is informational; training goes on
 
     def record_start(self) -> None:
         """Count worker-group starts: within one job, every start after the first is a
         restart by Ray Train (a worker or its node lost), from a checkpoint or from scratch."""
-        self.bank.client.hincrby(self.bank.keys.meta, "student_starts", 1)
+        self.bank.status.count_start()
 
     def record_resume(self, step: int) -> None:
         """Count restarts from a checkpoint (worker failure or a re-run job), for the summary."""
-        meta = self.bank.keys.meta
-        self.bank.client.hincrby(meta, "student_resumes", 1)
-        self.bank.client.hset(meta, "student_resumed_at_step", step)
+        self.bank.status.count_resume(step)
 
     def wait_for_entries(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

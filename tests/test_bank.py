@@ -234,7 +234,7 @@ def test_bank_survives_restart(tmp_path):
         for i in range(5):
             bank.gate(f"img{i}", [entry(f"img{i}", f"l{j}", float(j + i)) for j in range(4)])
         bank.record_drop("aug", 7)
-        bank.set_teacher_version(12)
+        bank.status.set_teacher_version(12)
         snapshot = {f"img{i}": [e.SerializeToString() for e in bank.entries(f"img{i}")] for i in range(5)}
         stats = bank.stats()
         port = server.port
@@ -361,15 +361,15 @@ def test_list_images_and_stats(bank):
 
     bank.record_drop("multi")
     bank.record_drop("aug", 3)
-    bank.set_teacher_version(5)
-    bank.set_scorer_count(4)
+    bank.status.set_teacher_version(5)
+    bank.status.set_scorer_count(4)
     s = bank.stats()
     assert (s["images"], s["entries"]) == (3, 6)
     assert s["counters"] == {"gate_calls": 3, "candidates": 7, "admitted": 6, "rejected": 1, "evicted": 0, "duplicates": 0}
     assert s["drops"] == {"aug": 3, "multi": 1}
     assert s["histogram"]["counts"] == [0, 1, 1, 0, 1, 0, 0, 0, 0, 3]
     assert (s["teacher_version"], s["scorer_count"], s["events"]) == (5, 4, 3)
-    assert bank.teacher_version() == 5 and bank.scorer_count() == 4
+    assert (bank.status.read().teacher_version, bank.status.read().scorer_count) == (5, 4)
 
     ev = bank.events(2)
     assert [e["image_id"] for e in ev] == ["a", "c"]

@@ -86,8 +86,8 @@ def fill_bank(bank: MemoryBank, n_images: int = 8, seed: int = 0) -> dict[str, d
     bank.record_drop("metric_disagreement", 3)
     bank.record_drop("augmentation_instability", 2)
     bank.record_drop("stale", 1)
-    bank.set_teacher_version(2)
-    bank.set_scorer_count(2)
+    bank.status.set_teacher_version(2)
+    bank.status.set_scorer_count(2)
     return made
 
 

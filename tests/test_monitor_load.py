@@ -81,7 +81,7 @@ def _gate_forever(bank: MemoryBank, ids: list[str], stop: threading.Event, count
             outcome = client.gate(image_id, entries)
             counts["gates"] += 1
             counts["evicted"] += len(outcome.evicted)
-        client.set_teacher_version(version)
+        client.status.set_teacher_version(version)
         time.sleep(0.01)
     client.client.close()
 

@@ -31,6 +31,7 @@ from protos import bank_entry_pb2 as pb
 from services.bank.check import check_invariants
 from services.bank.keys import HIST_BINS, BankKeys, validate_id
 from services.bank.keys import as_str as _s
+from services.job_status import JobStatus, JobStatusHash
 
 SORTS = ("score", "id", "recent")
 DEFAULT_EVENTS_MAXLEN = 10_000
@@ -81,6 +82,7 @@ class MemoryBank:
             raise ValueError("MemoryBank needs a client with decode_responses=False (payloads are bytes)")
         self.client = client
         self.keys = BankKeys(prefix)
+        self.status = JobStatusHash(client, prefix)  # the job's status hash, beside the bank
         self.prefix = prefix
         self.top_k = int(top_k)
         self.events_maxlen = int(events_maxlen)
@@ -178,35 +180,22 @@ class MemoryBank:
         sets = self._sample_sets(keys=[self.keys.idx_lex], args=args)
         return [[pb.BankEntry.FromString(b) for b in payloads] for payloads in sets]
 
-    # ---------------------------------------------------------------- counters and meta
+    # ---------------------------------------------------------------- counters
     def record_drop(self, reason: str, n: int = 1) -> int:
         """Count ``n`` candidates dropped for ``reason`` (e.g. ``multi``, ``aug``)."""
         validate_id(reason, "drop reason")
         return int(self.client.hincrby(self.keys.counters, f"drop:{reason}", int(n)))
 
-    def set_teacher_version(self, version: int) -> None:
-        self.client.hset(self.keys.meta, "teacher_version", int(version))
-
-    def teacher_version(self) -> int | None:
-        v = self.client.hget(self.keys.meta, "teacher_version")
-        return None if v is None else int(v)
-
-    def set_scorer_count(self, n: int) -> None:
-        self.client.hset(self.keys.meta, "scorer_count", int(n))
-
-    def scorer_count(self) -> int | None:
-        v = self.client.hget(self.keys.meta, "scorer_count")
-        return None if v is None else int(v)
-
     def stats(self) -> dict[str, Any]:
-        """Counts, gate counters, drops by reason, score histogram (10 bins over 0-10), meta."""
+        """Counts, gate counters, drops by reason, score histogram (10 bins over 0-10), and the
+        teacher version and scorer count of the job's status."""
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(self.keys.counters)
-        pipe.hgetall(self.keys.meta)
+        self.status.queue_read(pipe)
         pipe.xlen(self.keys.events)
-        raw, meta, n_events = pipe.execute()
+        raw, status_raw, n_events = pipe.execute()
         c = {_s(k): int(v) for k, v in raw.items()}
-        m = {_s(k): _s(v) for k, v in meta.items()}
+        status = JobStatus.decode(status_raw)
         return {
             "prefix": self.prefix,
             "top_k": self.top_k,
@@ -218,8 +207,8 @@ class MemoryBank:
                 "edges": [float(i) for i in range(HIST_BINS + 1)],
                 "counts": [c.get(f"hist:{i}", 0) for i in range(HIST_BINS)],
             },
-            "teacher_version": int(m["teacher_version"]) if "teacher_version" in m else None,
-            "scorer_count": int(m["scorer_count"]) if "scorer_count" in m else None,
+            "teacher_version": status.teacher_version,
+            "scorer_count": status.scorer_count,
             "events": int(n_events),
         }
 

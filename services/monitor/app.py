@@ -66,6 +66,7 @@ from services.bank.codec import decode_image
 from services.bank.inputs import InputStore
 from services.bank.keys import ID_PATTERN, validate_id, validate_prefix
 from services.bank.store import COUNTER_NAMES, MemoryBank
+from services.job_status import JobStatus
 from services.monitor.models import (
     BankStats,
     EntryInfo,
@@ -348,9 +349,10 @@ def create_app(
         """Bank size, score histogram, drops by reason, gating and drop rates, teacher version, scorers."""
         s = bank.stats()
         pipe = client.pipeline(transaction=False)
-        pipe.hget(bank.keys.meta, "top_k")
+        bank.status.queue_read(pipe)
         pipe.xrevrange(bank.keys.events, count=1)
-        top_k, last = pipe.execute()
+        status_raw, last = pipe.execute()
+        top_k = JobStatus.decode(status_raw).top_k
         counters = {k: int(v) for k, v in s["counters"].items()}
         drops = {k: int(v) for k, v in s["drops"].items()}
         dropped = sum(drops.values())
@@ -359,7 +361,7 @@ def create_app(
         last_ms = int(last[0][0].decode().split("-")[0]) if last else None
         return BankStats(
             prefix=prefix, images=s["images"], entries=s["entries"],
-            top_k=int(top_k) if top_k is not None else None,
+            top_k=top_k,
             counters=counters, drops=drops, dropped_total=dropped,
             drop_rate=dropped / (dropped + gated) if dropped + gated else None,
             gating_rate=counters.get("admitted", 0) / cand if cand else None,
