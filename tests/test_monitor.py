@@ -564,7 +564,8 @@ def test_access_log_masks_tokens(monkeypatch):
     import logging
 
     from pipelines import cli
-    from services.monitor.app import _RedactTokens, is_loopback
+    from services.monitor.security import RedactTokens as _RedactTokens
+    from services.monitor.security import is_loopback
 
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
     assert cli.main(["monitor", "--redis", "redis://127.0.0.1:1/0", "--token", "zz"]) == 0
