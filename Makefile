@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine: `make demo` (main job) and `make test` (test suite);
 # `make test-compose` runs the compose cluster for real (deploy/compose_check.sh, pytest -m compose).
 # Both create the virtual environment, install the project and build the offline metric
-# parameters first, so they work on a clean clone with nothing installed.
+# parameters first, so they work on a clean clone with nothing installed. The monitor's browser
+# test needs Chromium from the system's packages: `make browser` once, before `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup weights demo test test-slow test-cluster test-compose bench clean
+.PHONY: setup weights demo test test-cluster test-compose browser clean
 
 setup: $(STAMP)
 
@@ -28,9 +29,6 @@ demo: weights
 test: weights
 	$(BIN)/python -m pytest -q
 
-test-slow: weights
-	$(BIN)/python -m pytest -q -m slow
-
 # A three-node Ray cluster of its own (tests/test_cluster.py), in a pytest session of its own.
 test-cluster: weights
 	$(BIN)/python -m pytest -q -m cluster
@@ -38,6 +36,17 @@ test-cluster: weights
 # Needs a Docker engine, or root to start Debian's (it skips, with the reason, where none can run).
 test-compose: setup
 	$(BIN)/python -m pytest -q -s -m compose tests/test_compose_cluster.py
+
+# Debian's Chromium and ChromeDriver for tests/test_monitor.py's browser test; nothing to do
+# where both are on PATH. Installing needs apt-get, as root or through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver: already installed"; \
+	else \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,8 +3,8 @@
 The bank is filled the way the scorers fill it (``build_entry`` + ``MemoryBank.gate``,
 drops recorded, inputs in the ``InputStore``) from scikit-image's sample photos with
 synthetic degradations, so the page shows real pictures. The browser test drives Debian's
-Chromium through chromedriver's W3C WebDriver HTTP API (httpx, no selenium) and saves
-screenshots under its tmp dir.
+Chromium (installed by `make browser`) through chromedriver's W3C WebDriver HTTP API (httpx,
+no selenium) and saves screenshots under its tmp dir.
 """
 
 from __future__ import annotations
@@ -582,21 +582,13 @@ def test_access_log_masks_tokens(monkeypatch):
 
 # ---------------------------------------------------------------------------- browser
 def _chromium() -> tuple[str, str]:
-    """Paths of chromium and chromedriver; installs Debian's packages when missing."""
-    chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chrome and driver:
-        return chrome, driver
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.skip("chromium/chromedriver are missing and cannot be installed here (no apt-get or not root)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:
-            pytest.skip(f"could not install chromium + chromium-driver with apt-get: {proc.stderr[-400:]}")
-    chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chrome and driver):
-        pytest.skip("apt-get installed chromium but chromium/chromedriver are not on PATH")
-    return chrome, driver
+    """Paths of chromium and chromedriver, which the set-up step installs (`make browser`)."""
+    found = {name: shutil.which(name) for name in ("chromium", "chromedriver")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH: run `make browser` first (Debian's chromium and "
+                    "chromium-driver packages; `make test` does not install them)", pytrace=False)
+    return found["chromium"], found["chromedriver"]
 
 
 class WebDriver:
