@@ -37,8 +37,10 @@ MAX_RANK = 63
 
 # The id rule in the OpenAPI schema (so clients and fuzzers know it); enforced by check_id,
 # which answers 422 "invalid_id" rather than FastAPI's generic validation error.
-ImageId = Annotated[str, Path(description=f"image id, matching {ID_PATTERN}", json_schema_extra={"pattern": ID_PATTERN})]
-ThumbSize = Annotated[int | None, Query(ge=MIN_THUMB, le=MAX_THUMB, description="longer side of a thumbnail, in pixels")]
+ImageId = Annotated[str, Path(description=f"image id, matching {ID_PATTERN}",
+                              json_schema_extra={"pattern": ID_PATTERN})]
+ThumbSize = Annotated[int | None, Query(ge=MIN_THUMB, le=MAX_THUMB,
+                                        description="longer side of a thumbnail, in pixels")]
 
 
 def check_id(image_id: str) -> str:
@@ -129,7 +131,8 @@ def bank_router(src: Sources) -> APIRouter:
         if not entries and not has_input:
             raise ApiError(404, "not_found", f"no image {image_id!r} in the bank")
         now_ms = time.time() * 1000
-        return ImageDetail(image_id=image_id, entries=[_entry_info(image_id, r, e, now_ms) for r, e in enumerate(entries)],
+        infos = [_entry_info(image_id, rank, e, now_ms) for rank, e in enumerate(entries)]
+        return ImageDetail(image_id=image_id, entries=infos,
                            input_url=f"/bank/images/{image_id}/input.png" if has_input else None)
 
     @router.get("/bank/images/{image_id}/entries/{rank}.png", response_class=Response,
