@@ -56,6 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--n-test", type=int, default=3, help="source photos held out for the test set")
     parser.add_argument("--crops-per-image", type=int, default=8, help="crops per source photo in every set")
+    parser.add_argument("--test-split", choices=("photos", "regions"), default="photos",
+                        help="photos: held-out photos (--n-test); regions: the unpaired photos' other halves, "
+                             "a test set from the unpaired set's distribution (qualiteacher.data.samples)")
     parser.add_argument("--out", type=Path, default=Path("runs/oracle"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="tiny budget: checks that it runs")
@@ -92,6 +95,7 @@ class Task:
         cfg = load_config(args.budget, self.overrides)
         size = cfg.labelling.image_size or 128
         self.sets = make_task_sets(task, self.dir / "data", seed=cfg.seed, size=size, n_test=args.n_test,
+                                   test_split=args.test_split,
                                    crops_per_image=args.crops_per_image, overwrite=True, hidden_targets=True)
         self.stage1 = stage1_models(cfg, argparse.Namespace(budget_path=args.budget), self.overrides, self.sets,
                                     self.dir, task)
@@ -290,6 +294,7 @@ def write_report(results: dict, out: Path) -> Path:
     if results["fast"]:
         lines += ["**FAST MODE: tiny budget; these numbers are NOT meaningful.**", ""]
     lines += [f"Command: `{results['command']}`", "", results["machine"], "",
+              f"Test split: {results.get('test_split', 'photos')}. "
               f"Ladder: {list(results['ladder']) or 'none'}; seeds {results['seeds']}; wall time "
               f"{results['elapsed_s']:.0f} s. Values: mean [min, max] over seeds.", ""]
     for task, res in results["tasks"].items():
@@ -352,7 +357,7 @@ def _main(args: argparse.Namespace, argv) -> dict:
     controllable = sum(tasks[t]["cells"][c]["spearman_psnr"]["mean"] >= TARGET_SPEARMAN for t, c in oracle_cells)
     results = {"command": "python -m benchmarks.oracle " + " ".join(argv if argv is not None else sys.argv[1:]),
                "fast": args.fast, "machine": machine_line(), "ladder": args.ladder_alphas, "seeds": args.seeds,
-               "tasks": tasks, "controllable_oracle_cells": controllable,
+               "test_split": args.test_split, "tasks": tasks, "controllable_oracle_cells": controllable,
                "elapsed_s": round(time.perf_counter() - started, 1)}
     (args.out / "oracle.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(results, args.out)

@@ -335,3 +335,44 @@ def test_degrade_cli_writes_same_names_and_reports_bad_files(tmp_path):
     unknown = subprocess.run([sys.executable, "-m", "pipelines.cli", "degrade", "--task", "fog",
                               str(src), str(tmp_path / "o2")], capture_output=True, text=True)
     assert unknown.returncode == 2 and "fog" in unknown.stderr
+
+
+def test_regions_split_tests_on_the_unpaired_photos_other_halves(tmp_path: Path) -> None:
+    """test_split="regions": the test set comes from the unpaired photos, never from their
+    pixels the unpaired set crops, and with names (hence degradations) of its own."""
+    from qualiteacher.data.samples import load_sample, photo_half
+
+    dirs = make_task_sets("underwater", tmp_path / "sets", seed=1, size=32, crops_per_image=2,
+                          hidden_targets=True, test_split="regions")
+    groups = split_names(0)
+
+    def photos(key: str) -> set[str]:
+        return {p.stem.rsplit("_", 1)[0] for p in dirs[key].iterdir()}
+
+    assert photos("test/input") == photos("unpaired/input") == set(groups["unpaired"])
+    assert photos("paired/input") == set(groups["paired"])
+    test_names = {p.name for p in dirs["test/input"].iterdir()}
+    assert test_names.isdisjoint(p.name for p in dirs["unpaired/input"].iterdir())
+    assert all(n.rsplit("_", 1)[1].startswith("t") for n in test_names)
+    # halves: across the longer side, together the whole photo
+    img = load_sample(groups["unpaired"][0])
+    first, second = photo_half(img, 0), photo_half(img, 1)
+    assert first.size + second.size == img.size and first.shape[2] == 3
+    with pytest.raises(ValueError, match="test_split"):
+        make_task_sets("underwater", tmp_path / "other", seed=1, size=32, test_split="pixels")
+
+
+def test_photos_split_is_unchanged_by_the_regions_option(tmp_path: Path) -> None:
+    """The default split's files are the ones every recorded benchmark used: names and pixels
+    pinned by a digest taken before the regions option existed (a Pillow release that changes
+    its Lanczos filter would move it too)."""
+    import hashlib
+
+    dirs = make_task_sets("haze", tmp_path / "sets", seed=3, size=24, n_test=2, crops_per_image=1,
+                          hidden_targets=True)
+    digest = hashlib.sha256()
+    for key in sorted(dirs):
+        for path in sorted(dirs[key].iterdir()):
+            digest.update(path.name.encode())
+            digest.update(read_image(path).tobytes())
+    assert digest.hexdigest() == "933a13277047a4505845f0c2f284ba1b5c23cf865cb436f191536aae315568e7"

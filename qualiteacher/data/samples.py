@@ -15,6 +15,12 @@ Split used by ``make_task_sets`` (documented here because results depend on it):
 * ``paired`` inputs use the ``paired`` degradation ranges, ``unpaired`` and ``test`` inputs
   the shifted ``unpaired`` ranges: the test set measures restoration on the "real" domain,
   which is what training on unpaired data is for. ``unpaired`` has no targets on disk.
+
+``test_split="regions"`` holds out no photo: each unpaired photo is cut in two halves along
+its longer side, the unpaired crops come from the first half and the test crops
+(``<name>_t<k>``) from the second. The test set then shares the unpaired set's photos (their
+colours, their kind of scene) without sharing a pixel: what a real data set's train/test
+split looks like, where ten held-out photos are too few to share a distribution.
 """
 
 from __future__ import annotations
@@ -109,11 +115,15 @@ def write_samples(out_dir: str | os.PathLike[str], size: int | None = None) -> l
     return paths
 
 
+TEST_SPLITS = ("photos", "regions")
+
+
 def split_names(n_test: int) -> dict[str, list[str]]:
-    """Deterministic, seed-independent assignment of source images to splits."""
+    """Deterministic, seed-independent assignment of source images to splits (``n_test=0``:
+    none held out, for ``test_split="regions"``)."""
     names = sorted(sample_names(), key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-    if not 1 <= n_test <= len(names) - 2:
-        raise ValueError(f"n_test must be in [1, {len(names) - 2}] with {len(names)} sample images, got {n_test}")
+    if not 0 <= n_test <= len(names) - 2:
+        raise ValueError(f"n_test must be in [0, {len(names) - 2}] with {len(names)} sample images, got {n_test}")
     rest = names[n_test:]
     return {"test": names[:n_test], "paired": rest[0::2], "unpaired": rest[1::2]}
 
@@ -128,12 +138,38 @@ def _random_crops(img: np.ndarray, size: int, count: int, rng: np.random.Generat
     return crops
 
 
-def source_crops(name: str, group: str, seed: int, size: int, count: int) -> list[np.ndarray]:
+def photo_half(img: np.ndarray, half: int) -> np.ndarray:
+    """The first (0) or second (1) half of a photo, cut across its longer side."""
+    h, w = img.shape[:2]
+    if h > w:
+        return img[: h // 2] if half == 0 else img[h // 2 :]
+    return img[:, : w // 2] if half == 0 else img[:, w // 2 :]
+
+
+def source_crops(name: str, group: str, seed: int, size: int, count: int,
+                 half: int | None = None) -> list[np.ndarray]:
     """The clean crops ``<name>_0 .. <name>_<count-1>`` that ``make_task_sets`` draws from one
-    source photo for ``group``, at ``size`` px. The crop boxes do not depend on ``size``, so
-    other sizes give the same content resampled from the photo (used by the metric audit)."""
+    source photo (or one ``half`` of it) for ``group``, at ``size`` px. The crop boxes do not
+    depend on ``size``, so other sizes give the same content resampled from the photo (used by
+    the metric audit)."""
     crop_rng = np.random.default_rng(file_seed(seed, name, "crops", group))
-    return _random_crops(load_sample(name), size, count, crop_rng)
+    img = load_sample(name)
+    return _random_crops(img if half is None else photo_half(img, half), size, count, crop_rng)
+
+
+def _split_plan(n_test: int, test_split: str) -> list[tuple[str, str, str, int | None]]:
+    """(group, domain, photo, half) for every photo of every split; the module docstring
+    says why."""
+    if test_split not in TEST_SPLITS:
+        raise ValueError(f"test_split must be one of {', '.join(TEST_SPLITS)}, got {test_split!r}")
+    if test_split == "photos":
+        groups = split_names(n_test)
+        return [(group, domain, name, None) for group, domain in
+                (("paired", "paired"), ("unpaired", "unpaired"), ("test", "unpaired")) for name in groups[group]]
+    groups = split_names(0)
+    return ([("paired", "paired", name, None) for name in groups["paired"]]
+            + [(group, "unpaired", name, half) for half, group in enumerate(("unpaired", "test"))
+               for name in groups["unpaired"]])
 
 
 def make_task_sets(
@@ -145,6 +181,7 @@ def make_task_sets(
     crops_per_image: int = 4,
     overwrite: bool = False,
     hidden_targets: bool = False,
+    test_split: str = "photos",
 ) -> dict[str, Path]:
     """Build ``paired/{input,target}``, ``unpaired/input`` and ``test/{input,target}`` under
     ``out_dir`` for ``task`` (see the module docstring for the split).
@@ -155,21 +192,22 @@ def make_task_sets(
     ``overwrite``, which deletes them first (stale files would leak into the sets).
     Returns the folder of each split, keyed by the names in ``SPLITS``; with
     ``hidden_targets`` also ``HIDDEN_SPLIT``, the clean images of the unpaired inputs.
+    ``test_split="regions"`` ignores ``n_test`` (see the module docstring).
     """
     task_params(task)  # validate the task name before writing anything
     if size < 8 or crops_per_image < 1:
         raise ValueError(f"need size >= 8 and crops_per_image >= 1, got {size} and {crops_per_image}")
     dirs = {split: Path(out_dir) / split for split in SPLITS + ((HIDDEN_SPLIT,) if hidden_targets else ())}
     _prepare_dirs(dirs.values(), overwrite)
-    groups = split_names(n_test)
-    for group, domain in (("paired", "paired"), ("unpaired", "unpaired"), ("test", "unpaired")):
-        for name in groups[group]:
-            for k, clean in enumerate(source_crops(name, group, seed, size, crops_per_image)):
-                fname = f"{name}_{k}.png"
-                rng = np.random.default_rng(file_seed(seed, fname, task, domain))
-                write_png(dirs[f"{group}/input"] / fname, degrade(clean, task, rng, domain))
-                if f"{group}/target" in dirs:
-                    write_png(dirs[f"{group}/target"] / fname, clean)
+    for group, domain, name, half in _split_plan(n_test, test_split):
+        # a held-out half's crops get their own names: same names would also share degradations
+        tag = "t" if half == 1 else ""
+        for k, clean in enumerate(source_crops(name, group, seed, size, crops_per_image, half)):
+            fname = f"{name}_{tag}{k}.png"
+            rng = np.random.default_rng(file_seed(seed, fname, task, domain))
+            write_png(dirs[f"{group}/input"] / fname, degrade(clean, task, rng, domain))
+            if f"{group}/target" in dirs:
+                write_png(dirs[f"{group}/target"] / fname, clean)
     return dirs
 
 
