@@ -37,6 +37,7 @@ from qualiteacher.method.ema import EMA
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
 from qualiteacher.student_step import (
+    StepContext,
     average_gradients,
     gradients_finite,
     perceptual_fn,
@@ -167,8 +168,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if checkpoint is not None and rank == 0:
         bank.record_resume(step)
     bank.wait_for_entries(cfg.train.bank_wait_s)
-    reward = reward_fn(cfg)
-    perceptual = perceptual_fn(cfg, device)
+    step_ctx = StepContext(device=device, rng=rng, gen=gen, reward=reward_fn(cfg),
+                           initial_injection=initial_injection, perceptual=perceptual_fn(cfg, device))
     labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
     training_log = TrainingLog.open(cfg, loop_cfg["run_dir"], loop_cfg["unpaired_dir"], bank.bank, device,
                                     step) if rank == 0 else None
@@ -177,7 +178,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     while step < cfg.train.steps:
         batch = bank.sample(cfg.train.bank_batch_size, device)
-        losses = step_losses(cfg, model, paired, batch, reward, rng, gen, device, step, initial_injection, perceptual)
+        losses = step_losses(cfg, model, paired, batch, step_ctx, step=step)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         average_gradients(model, world)

@@ -18,7 +18,7 @@ from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.method.judge import judge, ladder_levels
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_parameters, injection_snapshot
-from qualiteacher.student_step import step_losses
+from qualiteacher.student_step import StepContext, step_losses
 
 REL = 1e-5
 
@@ -141,8 +141,9 @@ def _losses(step: int) -> dict[str, float]:
     with torch.no_grad():
         for p in injection_parameters(model).values():  # moved from the snapshot: L3 is not zero
             p.add_(0.01)
-    out = step_losses(cfg, model, _Paired(), _bank_batch(), _reward, np.random.default_rng(4),
-                      torch.Generator().manual_seed(5), torch.device("cpu"), step, initial, _perceptual)
+    ctx = StepContext(device=torch.device("cpu"), rng=np.random.default_rng(4), gen=torch.Generator().manual_seed(5),
+                      reward=_reward, initial_injection=initial, perceptual=_perceptual)
+    out = step_losses(cfg, model, _Paired(), _bank_batch(), ctx, step=step)
     return {k: float(v.detach()) for k, v in out.items()}
 
 
