@@ -2,6 +2,8 @@
 
     ray job submit --working-dir . -- python -m pipelines.train --config configs/quickstart.yaml
 
+`python -m pipelines.train ARGS` is `qualiteacher train ARGS` (`pipelines/cli.py` parses both).
+
 Joins the Ray cluster it runs in (or starts a local one), uses Redis from `redis.url` /
 $REDIS_URL (or starts an embedded one in the run folder), prepares data, takes the stage-1
 model (pretraining it when none is given), starts the labeller (teachers + scorers) and the
@@ -11,7 +13,6 @@ the same run folder resumes from the latest checkpoint and reuses the bank.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import torch
 
 from pipelines.progress import ProgressReporter
 from qualiteacher.checkpoint import load_training_state
-from qualiteacher.config import Config, ConfigError, load_config
+from qualiteacher.config import Config, ConfigError
 from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from services.bank.store import MemoryBank
@@ -372,22 +373,7 @@ def headline_line(summary: dict) -> str:
             f"dropped {summary['dropped']}, {summary['elapsed_s']:.0f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--run-dir", type=Path, default=None, help="default: paths.run_dir")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)  # run() checks again; here a bad config ends as one line, not a traceback
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(headline_json(run(cfg, args.run_dir or cfg.paths.run_dir)))
-    return 0
+if __name__ == "__main__":  # the `ray job submit` entry point: `qualiteacher train`, by another name
+    from pipelines.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

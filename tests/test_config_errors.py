@@ -239,3 +239,15 @@ def test_job_entrypoint_bad_config_exits_2(tmp_path):
     run_dir = tmp_path / "run"
     proc, elapsed = _run(["-m", "pipelines.train", "--config", str(bad)], run_dir)
     _assert_refused(proc, elapsed, run_dir, field, reason)
+
+
+def test_job_entrypoint_is_the_cli_train_command():
+    """`python -m pipelines.train` has no parser of its own: its help is `qualiteacher train`'s."""
+    def help_text(*args: str) -> str:
+        proc = subprocess.run([sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, check=True)
+        return proc.stdout
+
+    job = help_text("-m", "pipelines.train")
+    assert job.startswith("usage: qualiteacher train") and job == help_text("-m", "pipelines.cli", "train")
+    assert all(option in job for option in ("--config", "--set", "--run-dir", "--weights-dir"))
