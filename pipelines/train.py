@@ -182,6 +182,8 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
 
 
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
+    """The labeller actor, on the driver's node. Its handle goes to the student through
+    `run_student`; its name (`services.names.LABELLER`) is for outside tools (`qualiteacher scale`)."""
     from qualiteacher.data.paired import UnpairedImages
     from services.labeller import Labeller
     from services.placement import on_driver_node
@@ -202,7 +204,11 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     return labeller
 
 
-def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_state: dict, version: int):
+def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_state: dict, version: int,
+                labeller: ray.actor.ActorHandle):
+    """Ray Train's fit of the student. The workers get the labeller's handle in their config:
+    the labeller is never restarted (no max_restarts), so the handle stays valid for every
+    worker group Ray Train starts in this job, restarts included."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -221,7 +227,7 @@ def run_student(cfg: Config, run_dir: Path, redis_url: str, data: dict, init_sta
             "cfg": cfg.model_dump(mode="json"), "redis_url": redis_url,
             "paired_input_dir": str(data["paired_input"]), "paired_target_dir": str(data["paired_target"]),
             "unpaired_dir": str(data["unpaired"]), "run_dir": str(run_dir.resolve()),
-            "init_state": [ray.put(init_state)], "init_version": version,
+            "init_state": [ray.put(init_state)], "init_version": version, "labeller": labeller,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str((run_dir / "ray_train").resolve()),
@@ -322,7 +328,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         progress = ProgressReporter(_bank(cfg, redis_url))
         progress.start()
         try:
-            result = run_student(cfg, run_dir, redis_url, data, init_state, version)
+            result = run_student(cfg, run_dir, redis_url, data, init_state, version, labeller)
         finally:
             progress.stop()
             labeller.stop.remote()
