@@ -10,7 +10,7 @@ hidden ground truth (`benchmarks.oracle_scorer`). Per cell it reports, on a held
 of the "real" domain (ground truth hidden from training):
 
 - QualiTeacher at score 7 against the stage-1 teacher and the Colabator-style baseline
-  (`train.mode=baseline`, NR levels, same loop and budget), in PSNR, SSIM and NR ensemble;
+  (`Config.as_baseline`, NR levels, same loop and budget), in PSNR, SSIM and NR ensemble;
 - controllability: Spearman of condition 0..7 against mean PSNR and against mean NR.
 
 Means over seeds with their range. Writes ``oracle.md`` and ``oracle.json`` into ``--out``
@@ -201,10 +201,7 @@ def _paired_levels(task: Task, cfg, level: str) -> torch.Tensor:
 
 
 def run_baseline(task: Task, seed: int) -> dict:
-    from qualiteacher.config import Config
-
-    cfg = Config.model_validate(task.cfg.model_dump() | {"train": task.cfg.train.model_dump() | {"mode": "baseline"}})
-    cfg = cfg.model_copy(update={"iqa": task.cfg.iqa})
+    cfg = task.cfg.as_baseline()  # the run's NR scale (calibrated iqa) kept
     model = task.stage1_model(cfg, conditioned=False)
     loop = ReferenceLoop(cfg, model, copy.copy(task.paired), task.inputs, task.hidden_gt,
                          NRJudge(task.nr_ensemble, cfg))

@@ -10,7 +10,7 @@ For each task (snow, rain, haze, lowlight, underwater; ``--tasks all`` for the f
    the "real" domain whose ground truth is hidden from training;
 2. the stage-1 teacher is pretrained once on the paired set (``pretrain.pt``), and both
    students start from that same file (``pretrain.checkpoint``);
-3. QualiTeacher (``train.mode=qualiteacher``) and the baseline (``train.mode=baseline``)
+3. QualiTeacher (``train.mode=qualiteacher``) and the baseline (``Config.as_baseline()``)
    train under the same budget: the same config, steps, seed and data, each in its own run
    folder, Ray namespace and embedded Redis;
 4. the test inputs are evaluated (PSNR / SSIM against the hidden ground truth, the NR
@@ -344,7 +344,8 @@ def _train_task(task: str, args: argparse.Namespace, task_dir: Path, overrides: 
     runs: dict[str, dict] = {}
     for mode in ("qualiteacher", "baseline"):
         runs[mode], timings[f"train_{mode}"] = train_student(task, args, task_dir / mode, overrides, sets,
-                                                             stage1[mode], [f"train.mode={mode}"])
+                                                             stage1[mode], ["train.mode=qualiteacher"],
+                                                             baseline=mode == "baseline")
     return sets, stage1, runs, timings
 
 
@@ -371,9 +372,11 @@ def prepare_task(task: str, args: argparse.Namespace, task_dir: Path, overrides:
 
 
 def train_student(task: str, args: argparse.Namespace, run_dir: Path, overrides: list[str], sets: dict[str, Path],
-                  stage1: Path, extra: list[str]) -> tuple[dict, float]:
+                  stage1: Path, extra: list[str], baseline: bool = False) -> tuple[dict, float]:
     """One student run from ``stage1`` on the task's sets, in its own run folder, Ray
-    namespace and embedded Redis: (run info, seconds). ``extra``: this run's own overrides."""
+    namespace and embedded Redis: (run info, seconds). ``extra``: this run's own overrides.
+    ``baseline``: the baseline of that config (`Config.as_baseline`), whose method fields
+    (the budget's ladder and dual drop among them) take the baseline's values."""
     from pipelines.train import headline_line
     from pipelines.train import run as train_run
     from qualiteacher.config import load_config
@@ -384,6 +387,8 @@ def train_student(task: str, args: argparse.Namespace, run_dir: Path, overrides:
     namespace = f"quality-{task}-{run_dir.name}-{os.getpid()}"
     cfg = load_config(args.budget_path, overrides + shared + list(extra) + [
         f"ray.namespace={namespace}", f"pretrain.checkpoint={stage1.resolve()}"])
+    if baseline:
+        cfg = cfg.as_baseline()
     t0 = time.perf_counter()
     summary = train_run(cfg, run_dir)
     seconds = time.perf_counter() - t0

@@ -34,7 +34,7 @@ from qualiteacher.method.gating import Scored, gate
 from qualiteacher.method.judge import Verdict, decide, judge, ladder_levels, scored_rungs
 from qualiteacher.method.ladder import ladder_rungs
 from qualiteacher.models.injection import injection_snapshot
-from qualiteacher.student_step import gradients_finite, step_losses
+from qualiteacher.student_step import StepContext, gradients_finite, step_losses
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,11 @@ class ReferenceLoop:
         cfg, model = self.cfg, self.model
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        gen = torch.Generator().manual_seed(seed)
-        initial = injection_snapshot(model) if cfg.model.score_condition else None
+        ctx = StepContext(device=torch.device("cpu"), rng=rng, gen=torch.Generator().manual_seed(seed),
+                          reward=self.reward,
+                          initial_injection=injection_snapshot(model) if cfg.model.score_condition else None)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         ema = self.ema = EMA(model, cfg.ema.decay)
-        device = torch.device("cpu")
         for step in range(cfg.train.steps):
             if step % cfg.train.push_every == 0:
                 self.label_all(ema.teacher, step // cfg.train.push_every)
@@ -214,7 +214,7 @@ class ReferenceLoop:
             batch, gt = self.bank_batch(rng)
             if isinstance(self.reward, OracleReward) and batch is not None:
                 self.reward.bind(gt, batch.label_mask)
-            losses = step_losses(cfg, model, self.paired, batch, self.reward, rng, gen, device, step, initial)
+            losses = step_losses(cfg, model, self.paired, batch, ctx, step=step)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             if gradients_finite(model):

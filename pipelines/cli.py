@@ -1,5 +1,8 @@
 """The `qualiteacher` command. Each subcommand parses its arguments and calls one function.
 
+The one front end of the jobs: `python -m pipelines.train ARGS` (the `ray job submit` entry
+point) is `qualiteacher train ARGS`.
+
 Exit codes: 0 success; 1 some inputs failed (each reported); 2 bad usage, config or set-up.
 The folder commands (score, evaluate, restore, degrade) show a progress bar on stderr when it
 is a terminal, never with --json.
@@ -183,12 +186,23 @@ def cmd_degrade(args) -> int:
 
 # ---- pipelines ----
 def cmd_pretrain(args) -> int:
-    from pipelines.pretrain import pretrain
+    from pipelines.pretrain import load_paired, pretrain
 
     cfg = _config(args)
-    out = pretrain(cfg, args.paired_input, args.paired_target, args.out)
+    try:  # no folders given or set, or nothing readable in them
+        data = load_paired(cfg, args.paired_input, args.paired_target, log=_stderr)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        out = pretrain(cfg, None, None, args.out, data=data)
+    except (FloatingPointError, OSError) as exc:  # diverged (lower pretrain.lr), or --out not writable
+        raise UsageError(str(exc)) from None
     print(f"stage-1 model: {out}")
-    return EXIT_OK
+    return EXIT_PARTIAL if data.errors else EXIT_OK
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -204,7 +218,8 @@ def cmd_restore(args) -> int:
 
     try:
         report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score,
-                                prefer=args.weights, tile=args.tile or None, progress=on_terminal())
+                                prefer=args.weights, tile=args.tile or None, device=args.device,
+                                progress=on_terminal())
     except ValueError as exc:  # bad checkpoint (CheckpointError), score or folders: before any file is written
         raise UsageError(str(exc)) from None
     failed = [(p, err) for p, err in report if err]
@@ -318,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="supervised stage 1 on paired data (the initial teacher)")
     _add_config_args(pre)
-    pre.add_argument("--paired-input", type=Path, required=True)
-    pre.add_argument("--paired-target", type=Path, required=True)
+    pre.add_argument("--paired-input", type=Path, help="degraded inputs (default: data.paired_input_dir)")
+    pre.add_argument("--paired-target", type=Path, help="clean targets, same file names "
+                     "(default: data.paired_target_dir)")
     pre.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
     pre.set_defaults(func=cmd_pretrain)
 
@@ -337,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--tile", type=int, default=1024,
                          help="restore images larger than this in overlapping tiles of this size, which "
                               "bounds memory (default 1024; 0 = never tile)")
+    restore.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     restore.add_argument("in_dir")
     restore.add_argument("out_dir")
     restore.set_defaults(func=cmd_restore)

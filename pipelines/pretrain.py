@@ -2,19 +2,17 @@
 
 L1 between ``model(x, score_cap)`` and the clean target on random crops. The condition is
 ``score_cap`` because paired targets are clean, i.e. of the best quality the model is
-asked for at inference. Usage::
+asked for at inference. The command is `qualiteacher pretrain` (`pipelines/cli.py`)::
 
-    python -m pipelines.pretrain --config configs/quickstart.yaml \
+    qualiteacher pretrain --config configs/quickstart.yaml \
         --paired-input D/paired/input --paired-target D/paired/target --out runs/x/pretrain.pt
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qualiteacher.checkpoint import save_model_file
-from qualiteacher.config import Config, ConfigError, load_config
+from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
 from qualiteacher.device import pick_device
 from qualiteacher.models.build import build_model
@@ -97,35 +95,3 @@ def pretrain(
 
 def _opt_path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done; 1 done but some files were skipped; 2 bad usage, config or data."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set pretrain.steps=300 (repeatable)")
-    parser.add_argument("--paired-input", type=Path, help="degraded inputs (default: data.paired_input_dir)")
-    parser.add_argument("--paired-target", type=Path, help="clean targets, same file names")
-    parser.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        data = load_paired(cfg, args.paired_input, args.paired_target, log=_stderr)
-    except (ConfigError, ValueError, OSError) as exc:
-        _stderr(f"error: {exc}")
-        return 2
-    try:
-        pretrain(cfg, None, None, args.out, log=print, data=data)
-    except (FloatingPointError, OSError) as exc:
-        _stderr(f"error: {exc}")
-        return 2
-    return 1 if data.errors else 0
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,28 +1,27 @@
 """Restore a folder of images with a trained model, at a chosen quality condition.
 
-    python -m pipelines.restore --checkpoint runs/x --score 7 IN_DIR OUT_DIR
+    qualiteacher restore --checkpoint runs/x --score 7 IN_DIR OUT_DIR
 
 ``--checkpoint`` is what a job writes: a run folder (the checkpoint its ``summary.json``
 names, the newest ``runs/x/ray_train/student/checkpoint_*/``), one of those training-state
 folders, or a model file such as the stage-1 teacher ``runs/x/pretrain.pt``.
 
 Every image of IN_DIR becomes ``OUT_DIR/<stem>.png``. Unreadable inputs and outputs with
-NaN/Inf are reported (file and reason) and skipped; the others are still written.
-Exit codes: 0 all restored; 1 some files failed; 2 bad usage or checkpoint.
+NaN/Inf are reported (file and reason) and skipped; the others are still written. The
+command (`pipelines/cli.py`) exits 0 when all are restored, 1 when some files failed, 2 on bad
+usage or a bad checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from qualiteacher.checkpoint import CheckpointError, load_restorer
+from qualiteacher.checkpoint import load_restorer
 from qualiteacher.device import resolve_device
 from qualiteacher.imageio import (
     ImageReadError,
@@ -33,7 +32,7 @@ from qualiteacher.imageio import (
     write_png,
 )
 from qualiteacher.models.injection import pad_to_multiple
-from qualiteacher.progress import each, on_terminal
+from qualiteacher.progress import each
 
 Result = tuple[Path, str | None]
 _MIN_TILE = 32
@@ -140,34 +139,3 @@ def _restore_one(model: nn.Module, path: Path, out_path: Path, score: float,
     except OSError as exc:
         return f"cannot write {out_path}: {exc}"
     return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.restore", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="model .pt, training-state folder, or run folder")
-    parser.add_argument("--score", type=float, default=7.0, help="quality condition on the 0-10 scale")
-    parser.add_argument("--prefer", choices=("student", "teacher"), default="student",
-                        help="which weights of a training state to use")
-    parser.add_argument("--tile", type=int, help="restore in overlapping tiles of this side (bounds memory)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("in_dir", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        results = restore_folder(args.checkpoint, args.in_dir, args.out_dir, args.score, args.prefer,
-                                 args.tile, args.device, log=_stderr, progress=on_terminal())
-    except (CheckpointError, ValueError, OSError) as exc:
-        _stderr(f"error: {exc}")
-        return 2
-    failed = sum(1 for _, error in results if error is not None)
-    print(f"restored {len(results) - failed} of {len(results)} images into {args.out_dir}")
-    return 1 if failed else 0
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,6 +2,8 @@
 
     ray job submit --working-dir . -- python -m pipelines.train --config configs/quickstart.yaml
 
+`python -m pipelines.train ARGS` is `qualiteacher train ARGS` (`pipelines/cli.py` parses both).
+
 Joins the Ray cluster it runs in (or starts a local one), uses Redis from `redis.url` /
 $REDIS_URL (or starts an embedded one in the run folder), prepares data, takes the stage-1
 model (pretraining it when none is given), starts the labeller (teachers + scorers) and the
@@ -11,7 +13,6 @@ the same run folder resumes from the latest checkpoint and reuses the bank.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import torch
 
 from pipelines.progress import ProgressReporter
 from qualiteacher.checkpoint import load_training_state
-from qualiteacher.config import Config, ConfigError, load_config
+from qualiteacher.config import Config, ConfigError
 from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from qualiteacher.run_dir import TRAIN_RUN_NAME, RunDir
@@ -169,6 +170,8 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
 
 
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
+    """The labeller actor, on the driver's node. Its handle goes to the student through
+    `run_student`; its name (`services.names.LABELLER`) is for outside tools (`qualiteacher scale`)."""
     from qualiteacher.data.paired import UnpairedImages
     from services.labeller import Labeller
     from services.placement import on_driver_node
@@ -189,7 +192,11 @@ def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_stat
     return labeller
 
 
-def run_student(cfg: Config, run_folder: RunDir, redis_url: str, data: dict, init_state: dict, version: int):
+def run_student(cfg: Config, run_folder: RunDir, redis_url: str, data: dict, init_state: dict, version: int,
+                labeller: ray.actor.ActorHandle):
+    """Ray Train's fit of the student. The workers get the labeller's handle in their config:
+    the labeller is never restarted (no max_restarts), so the handle stays valid for every
+    worker group Ray Train starts in this job, restarts included."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -208,7 +215,7 @@ def run_student(cfg: Config, run_folder: RunDir, redis_url: str, data: dict, ini
             "cfg": cfg.model_dump(mode="json"), "redis_url": redis_url,
             "paired_input_dir": str(data["paired_input"]), "paired_target_dir": str(data["paired_target"]),
             "unpaired_dir": str(data["unpaired"]), "run_dir": str(run_folder.root),
-            "init_state": [ray.put(init_state)], "init_version": version,
+            "init_state": [ray.put(init_state)], "init_version": version, "labeller": labeller,
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=TRAIN_RUN_NAME, storage_path=str(run_folder.ray_train),
@@ -303,7 +310,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         progress = ProgressReporter(_bank(cfg, redis_url))
         progress.start()
         try:
-            result = run_student(cfg, run_folder, redis_url, data, init_state, version)
+            result = run_student(cfg, run_folder, redis_url, data, init_state, version, labeller)
         finally:
             progress.stop()
             labeller.stop.remote()
@@ -354,22 +361,7 @@ def headline_line(summary: dict) -> str:
             f"dropped {summary['dropped']}, {summary['elapsed_s']:.0f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--run-dir", type=Path, default=None, help="default: paths.run_dir")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)  # run() checks again; here a bad config ends as one line, not a traceback
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(headline_json(run(cfg, args.run_dir or cfg.paths.run_dir)))
-    return 0
+if __name__ == "__main__":  # the `ray job submit` entry point: `qualiteacher train`, by another name
+    from pipelines.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -7,6 +7,8 @@ types and out-of-range values are errors that name the field (e.g. `iqa.block_gr
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
 from pathlib import Path
@@ -342,7 +344,7 @@ class LabellingConfig(Strict):
 
 
 class TrainConfig(Strict):
-    # baseline: Colabator-style pseudo-labelling (see Config._baseline_mode).
+    # baseline: Colabator-style pseudo-labelling (see BASELINE and Config._baseline_mode).
     mode: Literal["qualiteacher", "baseline"] = "qualiteacher"
     steps: int = Field(60, ge=1)
     num_workers: int = Field(1, ge=1, le=1024)
@@ -374,6 +376,28 @@ class PretrainConfig(Strict):
     checkpoint: Path | None = Field(None, description="use this stage-1 model instead of pretraining")
 
 
+# train.mode=baseline, the Colabator-style baseline: the fields of the method it leaves out, with
+# its value of each and why. One teacher pass, no score condition (so no ladder), one bank entry
+# per image replaced only when better, no dual drop, no preference or consistency loss.
+BASELINE: dict[str, tuple[Any, str]] = {
+    "labelling.augmentations": (["identity"], "the baseline labels with one teacher pass"),
+    "labelling.ladder": ([], "the baseline uses no ladder"),
+    "model.score_condition": (False, "the baseline has no score condition"),
+    "gating.top_k": (1, "the baseline keeps one bank entry per image"),
+    "drop.enabled": (False, "the baseline has no dual drop"),
+    "loss.preference.enabled": (False, "the baseline has no preference loss (Eq. 8)"),
+    "loss.consistency.enabled": (False, "the baseline has no consistency loss (Eq. 9)"),
+}
+
+
+def _field(cfg: BaseModel, dotted: str) -> tuple[BaseModel, str]:
+    """(the section, the field's name in it) of a dotted field name such as `loss.preference.enabled`."""
+    *path, name = dotted.split(".")
+    for key in path:
+        cfg = getattr(cfg, key)
+    return cfg, name
+
+
 class Config(Strict):
     seed: int = 0
     paths: PathsConfig = Field(default_factory=PathsConfig)
@@ -392,19 +416,37 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _baseline_mode(self) -> Config:
-        """The Colabator-style baseline: one teacher pass, no score condition (no ladder), one bank entry
-        per image replaced only when better, no dual drop, no preference or consistency loss.
-        Setting the mode is enough; these fields are forced so a baseline run can never mix
-        in parts of the method by accident."""
-        if self.train.mode == "baseline":
-            self.labelling.augmentations = ["identity"]
-            self.labelling.ladder = []
-            self.model.score_condition = False
-            self.gating.top_k = 1
-            self.drop.enabled = False
-            self.loss.preference.enabled = False
-            self.loss.consistency.enabled = False
+        """train.mode=baseline: each field of `BASELINE` left at its default takes the baseline's
+        value, so setting the mode is enough. One set explicitly (in the YAML file or by --set;
+        pydantic's `model_fields_set` of its section) to another value is an error naming it:
+        the run would otherwise not do what the config says. `as_baseline` makes the baseline
+        of a config that carries the method's fields."""
+        if self.train.mode != "baseline":
+            return self
+        conflicts = []
+        for dotted, (value, why) in BASELINE.items():
+            section, name = _field(self, dotted)
+            if getattr(section, name) == value:
+                continue
+            if name in section.model_fields_set:
+                conflicts.append(f"{dotted}={json.dumps(getattr(section, name))} conflicts: {why}")
+            else:
+                setattr(section, name, copy.deepcopy(value))
+        if conflicts:
+            raise ValueError(f"train.mode=baseline: {'; '.join(conflicts)}; remove "
+                             f"{'it' if len(conflicts) == 1 else 'them'} or use train.mode=qualiteacher")
         return self
+
+    def as_baseline(self) -> Config:
+        """A copy of this config as the baseline: train.mode=baseline and every field of
+        `BASELINE` at the baseline's value, whatever this config set it to; all else as it is.
+        For experiments that run the method and the baseline on one config (benchmarks)."""
+        baseline = self.model_copy(deep=True)
+        baseline.train.mode = "baseline"
+        for dotted, (value, _) in BASELINE.items():
+            section, name = _field(baseline, dotted)
+            setattr(section, name, copy.deepcopy(value))
+        return baseline
 
     @model_validator(mode="after")
     def _consistency_has_a_crop(self) -> Config:

@@ -12,7 +12,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's own message lists every device type it knows
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def pick_device(use_gpu: bool) -> torch.device:

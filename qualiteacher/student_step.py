@@ -1,27 +1,53 @@
 """One student step's losses (Eqs. 3-9) on a paired batch and a bank batch; no Ray needed.
 
-`services.student` runs this inside the Ray Train worker; the tests and the GPU checks run it
-directly. A bank sample is an image with all its PLs on one crop; one shared forward restores
-it at every PL's level and at the two scores of Eq. 8 (`restore_conditions`: the encoder runs
-once per image).
+`services.student` runs this inside the Ray Train worker, `benchmarks/reference_loop.py` in
+one process; the tests and the GPU checks run it directly. What a run's steps share (reward,
+random generators, device, L3's anchor, perceptual loss) is one `StepContext`; the step number
+is the one argument that changes. A bank sample is an image with all its PLs on one crop; one
+shared forward restores it at every PL's level and at the two scores of Eq. 8
+(`restore_conditions`: the encoder runs once per image).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from qualiteacher.config import Config
+from qualiteacher.data.paired import PairedImages
 from qualiteacher.losses.consistency import cropped_consistency_loss
 from qualiteacher.losses.pixel import block_weighted_l1, l1
-from qualiteacher.losses.preference import preference_terms, sample_low_scores
+from qualiteacher.losses.preference import RewardFn, preference_terms, sample_low_scores
 from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.injection import restore_conditions
 
 log = logging.getLogger(__name__)
+
+PerceptualFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of one run shares, made once where the run starts (the Ray Train
+    worker, the reference loop, a test). The generators are drawn from in place, so one
+    context carries the run's random stream from step to step."""
+
+    device: torch.device
+    rng: np.random.Generator  # the paired batch's draws
+    gen: torch.Generator  # Eq. 8's low scores, Eq. 9's crop box
+    # The differentiable reward of Eqs. 8-9 (`reward_fn`); None: the run has no such term.
+    reward: RewardFn | None = None
+    # The injection layers' weights at the start (`injection_snapshot`): L3's anchor; None
+    # without a score condition.
+    initial_injection: dict[str, Tensor] | None = None
+    perceptual: PerceptualFn | None = None  # `perceptual_fn`; None where its weight is 0
 
 
 def average_gradients(model: torch.nn.Module, world_size: int) -> None:
@@ -44,7 +70,7 @@ def gradients_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def reward_fn(cfg: Config):
+def reward_fn(cfg: Config) -> RewardFn | None:
     """The differentiable IQA reward of Eqs. 8-9, or None where no term of this run uses it."""
     needs = cfg.train.mode == "qualiteacher" and (cfg.loss.preference.enabled or cfg.loss.consistency.enabled)
     if not needs:
@@ -82,7 +108,7 @@ def target_levels(cfg: Config, targets) -> torch.Tensor:
     return torch.tensor(levels)
 
 
-def perceptual_fn(cfg: Config, device: torch.device):
+def perceptual_fn(cfg: Config, device: torch.device) -> PerceptualFn | None:
     """The VGG perceptual loss on ``device``, or None where its weight is 0."""
     if cfg.loss.perceptual_weight <= 0:
         return None
@@ -91,46 +117,46 @@ def perceptual_fn(cfg: Config, device: torch.device):
     return VGGPerceptualLoss(cfg.paths.resolved_weights_dir()).to(device).eval()
 
 
-def step_losses(cfg, model, paired, batch: BankBatch | None, reward, rng, gen, device, step, initial_injection,
-                perceptual=None) -> dict:
-    """Every loss of one step (name -> tensor, with "total"): supervised on a paired batch,
+def step_losses(cfg: Config, model: nn.Module, paired: PairedImages, batch: BankBatch | None,
+                ctx: StepContext, *, step: int) -> dict[str, Tensor]:
+    """Every loss of step `step` (name -> tensor, with "total"): supervised on a paired batch,
     then on the bank batch the block-weighted pixel loss, perceptual, and after the warm-up
     Eqs. 8-9 (with the reward's batch means "q_high" and "q_low", detached, for the log).
     Without a bank batch (no entries yet), the supervised loss alone."""
     tc, lc = cfg.train, cfg.loss
     if lc.supervised_condition == "target_score" and cfg.model.score_condition:
-        x_p, y_p, s_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng, with_levels=True)
-        s_p = s_p.to(device)
+        x_p, y_p, s_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, ctx.rng, with_levels=True)
+        s_p = s_p.to(ctx.device)
     else:
-        x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, rng)
+        x_p, y_p = paired.sample_batch(tc.batch_size, cfg.data.crop_size, ctx.rng)
         s_p = cfg.model.score_cap
-    x_p, y_p = x_p.to(device), y_p.to(device)
+    x_p, y_p = x_p.to(ctx.device), y_p.to(ctx.device)
     out = {"supervised": l1(model(x_p, s_p), y_p)}
     total = lc.supervised_weight * out["supervised"]
     if batch is None:
         out["total"] = total
         return out
-    methods = reward is not None and step >= lc.preference.warmup_steps
+    methods = ctx.reward is not None and step >= lc.preference.warmup_steps
     preference = methods and lc.preference.enabled and cfg.model.score_condition
     # One shared forward: each image at every PL's level, and for Eq. 8 also at 7 and s_low.
     k = batch.labels_per_image
     conditions = [batch.level]
     s_low = None
     if preference:
-        s_low = sample_low_scores(batch.x.shape[0], lc.preference.low_scores, gen).to(device)
+        s_low = sample_low_scores(batch.x.shape[0], lc.preference.low_scores, ctx.gen).to(ctx.device)
         conditions += [torch.full_like(s_low, cfg.model.score_cap)[:, None], s_low[:, None]]
     y = restore_conditions(model, batch.x, torch.cat(conditions, dim=1))
     mask = batch.mask
     pred, pl = y[:, :k][mask], batch.pl[mask]
     out["pixel"] = block_weighted_l1(pred, pl, batch.weights[mask])
     total = total + lc.pixel_weight * out["pixel"]
-    if perceptual is not None:
-        out["perceptual"] = perceptual(pred, pl)
+    if ctx.perceptual is not None:
+        out["perceptual"] = ctx.perceptual(pred, pl)
         total = total + lc.perceptual_weight * out["perceptual"]
     if methods:
         y_pair = (y[:, k], y[:, k + 1], s_low) if preference else None
         try:
-            total = total + method_losses(cfg, model, batch, reward, gen, initial_injection, out, y_pair)
+            total = total + method_losses(cfg, model, batch, ctx, out, y_pair)
         except (torch.linalg.LinAlgError, AssertionError) as exc:
             # pyiqa's NIQE / BRISQUE are undefined on a flat (zero-variance) image: NIQE's
             # pinv gets NaN, BRISQUE asserts. Raising here would kill the worker, and the
@@ -142,7 +168,7 @@ def step_losses(cfg, model, paired, batch: BankBatch | None, reward, rng, gen, d
     return out
 
 
-def poorest_label_quality(batch: BankBatch, reward) -> torch.Tensor:
+def poorest_label_quality(batch: BankBatch, reward: RewardFn) -> Tensor:
     """Per image, the reward of its poorest label (ladder rungs left out) on the batch's own
     crop: q_min of Eq. 8's anchor (L2). Scored here, on the crop that Q(y_high) sees,
     because the metrics depend on image size (BRISQUE moves by ~17 points between a 128 px
@@ -154,15 +180,17 @@ def poorest_label_quality(batch: BankBatch, reward) -> torch.Tensor:
     return per_slot.amin(dim=1)
 
 
-def method_losses(cfg, model, batch: BankBatch, reward, gen, initial_injection, out: dict, y_pair) -> torch.Tensor:
-    """Eq. 8 (from the shared forward's y_high, y_low) and Eq. 9."""
+def method_losses(cfg: Config, model: nn.Module, batch: BankBatch, ctx: StepContext, out: dict[str, Tensor],
+                  y_pair: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+    """Eq. 8 (from the shared forward's y_high, y_low, s_low; None: no Eq. 8) and Eq. 9,
+    their terms added to `out`. Needs `ctx.reward`."""
     lc = cfg.loss
     total = torch.zeros((), device=batch.x.device)
     y_high = None
     if y_pair is not None:
         y_high, y_low, s_low = y_pair
-        pref, outputs = preference_terms(y_high, y_low, s_low, reward, poorest_label_quality(batch, reward),
-                                         lc.preference, model, initial_injection)
+        pref, outputs = preference_terms(y_high, y_low, s_low, ctx.reward, poorest_label_quality(batch, ctx.reward),
+                                         lc.preference, model, ctx.initial_injection)
         out.update({f"pref_{k}": v for k, v in pref.items() if k != "total"})
         # The reward values themselves, for the training log (detached: not loss terms).
         out.update({k: outputs[k].detach().mean() for k in ("q_high", "q_low")})
@@ -171,8 +199,8 @@ def method_losses(cfg, model, batch: BankBatch, reward, gen, initial_injection, 
             out["pref_fidelity"] = block_weighted_l1(y_high, batch.pl[:, 0], batch.weights[:, 0])
             total = total + lc.preference.weight_fidelity * out["pref_fidelity"]
     if lc.consistency.enabled:
-        out["consistency"] = cropped_consistency_loss(model, batch.x, reward, lc.consistency.crop_area,
-                                                      generator=gen, score=cfg.model.score_cap,
+        out["consistency"] = cropped_consistency_loss(model, batch.x, ctx.reward, lc.consistency.crop_area,
+                                                      generator=ctx.gen, score=cfg.model.score_cap,
                                                       full_output=y_high,
                                                       min_side=cfg.iqa.reward_min_size() or 1)
         total = total + lc.consistency.weight * out["consistency"]

@@ -1,6 +1,7 @@
 """The labelling loop: unpaired images -> teacher actors -> scorer actors -> bank gate.
 
-Runs as one named, threaded actor (`labeller` in the job's namespace):
+Runs as one threaded actor, named `labeller` in the job's namespace for outside tools (the job
+hands the student its handle):
 - `run()` streams batches pass after pass over the images, keeping each teacher and scorer
   busy while bounding the work in flight (back-pressure: no new teacher call while the
   scorers' queues are full). A batch is labelled again only once the teacher is newer than

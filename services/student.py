@@ -9,7 +9,8 @@ all-reduce is correct for any number of forwards.
 
 Rank 0 keeps the EMA teacher; every `push_every` steps it packs its state into one byte
 buffer (`qualiteacher.flat_weights`, which Ray reads without a copy), does one `ray.put`
-and hands `(ref, version)` to the labeller, which forwards it to every teacher.
+and hands `(ref, version)` to the labeller, which forwards it to every teacher. The job hands
+the labeller's actor handle over in the loop's config (`pipelines.train.run_student`).
 Checkpoints (student, EMA, optimiser, step, teacher version) go through `ray.train.report`;
 a restarted run resumes from the latest one. Rank 0 also keeps the training log
 (`services/training_log.py`: TensorBoard events in the run folder, the monitor's stream and
@@ -37,6 +38,7 @@ from qualiteacher.method.ema import EMA
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
 from qualiteacher.student_step import (
+    StepContext,
     average_gradients,
     gradients_finite,
     perceptual_fn,
@@ -47,7 +49,6 @@ from qualiteacher.student_step import (
 from services.bank.codec import decode_image, decode_weights
 from services.bank.inputs import InputStore
 from services.bank.store import MemoryBank
-from services.names import LABELLER
 from services.redis_server import redis_client
 from services.training_log import TrainingLog
 
@@ -164,9 +165,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if checkpoint is not None and rank == 0:
         bank.record_resume(step)
     bank.wait_for_entries(cfg.train.bank_wait_s)
-    reward = reward_fn(cfg)
-    perceptual = perceptual_fn(cfg, device)
-    labeller = ray.get_actor(LABELLER, namespace=cfg.ray.namespace) if rank == 0 else None
+    step_ctx = StepContext(device=device, rng=rng, gen=gen, reward=reward_fn(cfg),
+                           initial_injection=initial_injection, perceptual=perceptual_fn(cfg, device))
+    labeller = loop_cfg["labeller"] if rank == 0 else None
     training_log = TrainingLog.open(cfg, loop_cfg["run_dir"], loop_cfg["unpaired_dir"], bank.bank, device,
                                     step) if rank == 0 else None
     push = None
@@ -174,7 +175,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     while step < cfg.train.steps:
         batch = bank.sample(cfg.train.bank_batch_size, device)
-        losses = step_losses(cfg, model, paired, batch, reward, rng, gen, device, step, initial_injection, perceptual)
+        losses = step_losses(cfg, model, paired, batch, step_ctx, step=step)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         average_gradients(model, world)

@@ -118,6 +118,82 @@ def test_config_objects_reject_bad_assignments():
         cfg.iqa.block_grid = 0
 
 
+# ---------------------------------------------------------------------------- baseline mode
+# The fields the baseline sets (qualiteacher.config.BASELINE), for model_dump(exclude=...).
+_BASELINE_FIELDS = {"train": {"mode"}, "labelling": {"augmentations", "ladder"}, "model": {"score_condition"},
+                    "gating": {"top_k"}, "drop": {"enabled"},
+                    "loss": {"preference": {"enabled"}, "consistency": {"enabled"}}}
+
+
+def _is_baseline(cfg) -> bool:
+    return (cfg.train.mode == "baseline" and cfg.labelling.augmentations == ["identity"]
+            and cfg.labelling.ladder == [] and not cfg.model.score_condition and cfg.gating.top_k == 1
+            and not cfg.drop.enabled and not cfg.loss.preference.enabled and not cfg.loss.consistency.enabled)
+
+
+def test_baseline_mode_gives_the_fields_left_at_their_defaults_the_baselines_values():
+    from qualiteacher.config import BASELINE, Config
+
+    assert set(BASELINE) == {"labelling.augmentations", "labelling.ladder", "model.score_condition", "gating.top_k",
+                             "drop.enabled", "loss.preference.enabled", "loss.consistency.enabled"}
+    cfg = load_config(SMOKE, ["train.mode=baseline"])
+    assert _is_baseline(cfg)
+    # Explicit values that agree with the baseline are no conflict, nor is a baseline read back
+    # from its dump (every field explicit), as Ray's actors and workers read it.
+    assert _is_baseline(load_config(SMOKE, ["train.mode=baseline", "drop.enabled=false", "labelling.ladder=[]",
+                                            "gating.top_k=1", "labelling.augmentations=[identity]"]))
+    assert Config.model_validate(cfg.model_dump(mode="json")).model_dump() == cfg.model_dump()
+    assert load_config(SMOKE).labelling.augmentations == ["hflip", "vflip", "rot90"]  # the method's own
+
+
+@pytest.mark.parametrize("override, named, why", [
+    ("labelling.ladder=[0.5]", "labelling.ladder=[0.5]", "the baseline uses no ladder"),
+    ("labelling.augmentations=[hflip, vflip]", 'labelling.augmentations=["hflip", "vflip"]', "one teacher pass"),
+    ("model.score_condition=true", "model.score_condition=true", "no score condition"),
+    ("gating.top_k=3", "gating.top_k=3", "one bank entry per image"),
+    ("drop.enabled=true", "drop.enabled=true", "no dual drop"),
+    ("loss.preference.enabled=true", "loss.preference.enabled=true", "no preference loss"),
+    ("loss.consistency={enabled: true}", "loss.consistency.enabled=true", "no consistency loss"),
+])
+def test_baseline_mode_refuses_an_explicit_method_field(override, named, why):
+    message = str(pytest.raises(ConfigError, load_config, SMOKE, ["train.mode=baseline", override]).value)
+    assert f"train.mode=baseline: {named} conflicts: the baseline" in message and why in message, message
+    assert "remove it or use train.mode=qualiteacher" in message, message
+
+
+def test_baseline_mode_names_every_method_field_of_a_yaml_file(tmp_path):
+    quickstart = REPO / "configs" / "quickstart.yaml"  # sets the ladder and the dual drop
+    message = str(pytest.raises(ConfigError, load_config, quickstart, ["train.mode=baseline"]).value)
+    assert str(quickstart) in message and "remove them" in message, message
+    assert "labelling.ladder=[0.0, 0.5] conflicts" in message and "drop.enabled=true conflicts" in message, message
+    assert "loss.preference" not in message  # quickstart.yaml turns Eq. 8 off, as the baseline does
+    path = _write(tmp_path, "mode", "train:\n  mode: baseline\ngating:\n  top_k: 2\n")
+    assert "gating.top_k=2 conflicts" in str(pytest.raises(ConfigError, load_config, path).value)
+
+
+def test_as_baseline_turns_a_method_config_into_its_baseline():
+    """What the quality and oracle benchmarks do: the baseline of the config the method runs."""
+    from qualiteacher.config import Config
+
+    budget = REPO / "configs" / "quality_budget.yaml"
+    method = load_config(budget, ["loss.preference.enabled=true", "loss.consistency.enabled=false"])
+    calibrated = method.model_copy(update={"iqa": method.iqa.model_copy(update={"ranges": {"niqe": (2.5, 9.0)}})})
+    baseline = calibrated.as_baseline()
+    assert _is_baseline(baseline) and baseline.iqa.ranges == {"niqe": (2.5, 9.0)}
+    assert baseline.model_dump(exclude=_BASELINE_FIELDS) == calibrated.model_dump(exclude=_BASELINE_FIELDS)
+    assert calibrated.train.mode == "qualiteacher" and calibrated.labelling.ladder == [0.0, 0.5]  # untouched
+    assert calibrated.drop.enabled and calibrated.loss.preference.enabled
+    # What the Ray actors read back, and what the mode alone makes of the file without the
+    # method fields it sets: the same config.
+    assert Config.model_validate(baseline.model_dump(mode="json")).model_dump() == baseline.model_dump()
+    import yaml
+
+    data = yaml.safe_load(budget.read_text())
+    del data["labelling"]["ladder"], data["drop"]["enabled"]
+    data["train"]["mode"] = "baseline"
+    assert Config.model_validate(data).model_dump() == method.as_baseline().model_dump()
+
+
 # ---------------------------------------------------------------------------- preflight
 def test_preflight_missing_metric_weights_names_the_file(tmp_path):
     from pipelines.train import preflight
@@ -239,3 +315,15 @@ def test_job_entrypoint_bad_config_exits_2(tmp_path):
     run_dir = tmp_path / "run"
     proc, elapsed = _run(["-m", "pipelines.train", "--config", str(bad)], run_dir)
     _assert_refused(proc, elapsed, run_dir, field, reason)
+
+
+def test_job_entrypoint_is_the_cli_train_command():
+    """`python -m pipelines.train` has no parser of its own: its help is `qualiteacher train`'s."""
+    def help_text(*args: str) -> str:
+        proc = subprocess.run([sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, check=True)
+        return proc.stdout
+
+    job = help_text("-m", "pipelines.train")
+    assert job.startswith("usage: qualiteacher train") and job == help_text("-m", "pipelines.cli", "train")
+    assert all(option in job for option in ("--config", "--set", "--run-dir", "--weights-dir"))

@@ -53,6 +53,14 @@ def _dockerfile_args() -> dict[str, str]:
     return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.MULTILINE))
 
 
+def _train_args(argv: list[str]):
+    """The arguments after `python -m pipelines.train`, parsed as that module parses them: by
+    the `qualiteacher train` command (an option it lacks exits the parser)."""
+    from pipelines.cli import build_parser
+
+    return build_parser().parse_args(["train", *argv])
+
+
 # ---------------------------------------------------------------------------- compose
 def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())  # resolves the `<<: *qualiteacher` merges
@@ -97,6 +105,7 @@ def test_compose_services_and_volumes():
     assert cmd[cmd.index("--working-dir") + 1] == "."
     after = cmd[cmd.index("--") + 1:]
     assert after[:3] == ["python", "-m", "pipelines.train"] and "${QT_CONFIG:-configs/quickstart.yaml}" in after
+    assert _train_args(after[3:]).config == Path("${QT_CONFIG:-configs/quickstart.yaml}")
     assert submit["restart"] == "no" and submit["working_dir"] == "/src"
     assert (REPO / "configs" / "quickstart.yaml").is_file()
 
@@ -254,6 +263,7 @@ def test_rayjob_manifest():
     # The entrypoint: `python -m pipelines.train --config FILE [--set K=V ...]`, and they load.
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipelines.train"]
+    assert _train_args(argv[3:]).run_dir == Path("/runs/qualiteacher-train")
     config = argv[argv.index("--config") + 1]
     assert (REPO / config).is_file()
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]

@@ -1,4 +1,5 @@
-"""`qualiteacher evaluate` and the Colabator-style baseline mode."""
+"""`qualiteacher evaluate` and the Colabator-style baseline's model and preflight (its config
+rule: tests/test_config_errors.py)."""
 
 from __future__ import annotations
 
@@ -33,16 +34,6 @@ def test_evaluate_reports_psnr_ssim_and_bad_files(weights_dir, tmp_path):
     assert result["mean"]["count"] == 2
     assert abs(result["mean"]["psnr"] - (100.0 + rows["b.png"]["psnr"]) / 2) < 1e-6
     assert set(result["mean"]["raw"]) == {"brisque", "piqe"}
-
-
-def test_baseline_mode_forces_colabator_settings():
-    cfg = load_config("configs/quickstart.yaml", ["train.mode=baseline", "loss.preference.enabled=true",
-                                                  "loss.consistency.enabled=true"])
-    assert cfg.labelling.augmentations == ["identity"] and cfg.labelling.ladder == []
-    assert cfg.gating.top_k == 1 and not cfg.model.score_condition and not cfg.drop.enabled
-    assert not cfg.loss.preference.enabled and not cfg.loss.consistency.enabled
-    full = load_config("configs/quickstart.yaml")
-    assert full.labelling.augmentations == ["hflip", "vflip", "rot90"] and full.gating.top_k == 3
 
 
 def test_baseline_starts_from_a_conditioned_stage1_model(tmp_path):

@@ -127,7 +127,7 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
     """The whole step of the student worker (pixel, Eq. 8, Eq. 9 with the real offline reward)."""
     from qualiteacher.method.bank_batch import BankBatch
     from qualiteacher.models.injection import injection_snapshot
-    from qualiteacher.student_step import step_losses
+    from qualiteacher.student_step import StepContext, step_losses
 
     crop = 96
     cfg = load_config(REPO / "configs/quickstart.yaml",
@@ -155,9 +155,10 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
     for key, device in DEVICES.items():
         model = copy.deepcopy(base).to(device)
         initial = injection_snapshot(model)
-        losses = step_losses(cfg, model, Paired(), batch.to(device), ensembles[key].reward,
-                             np.random.default_rng(0), torch.Generator().manual_seed(5), torch.device(device),
-                             step=1, initial_injection=initial)
+        ctx = StepContext(device=torch.device(device), rng=np.random.default_rng(0),
+                          gen=torch.Generator().manual_seed(5), reward=ensembles[key].reward,
+                          initial_injection=initial)
+        losses = step_losses(cfg, model, Paired(), batch.to(device), ctx, step=1)
         losses["total"].backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results[key] = ({k: float(v.detach()) for k, v in losses.items()}, grads.cpu())

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipelines import cli
 from pipelines import pretrain as pretrain_mod
 from pipelines import restore as restore_mod
 from qualiteacher.checkpoint import load_restorer, read_model_file, save_model_file
@@ -130,16 +131,29 @@ def test_pretrain_use_gpu_runs_where_cuda_is_missing(haze_sets, tmp_path):
     assert logs[0].endswith(f"device {expected}"), logs[0]
 
 
-def test_pretrain_main(haze_sets, tmp_path, capsys):
+def test_pretrain_command(haze_sets, tmp_path, capsys):
     argv = ["--paired-input", str(haze_sets["paired/input"]), "--paired-target",
             str(haze_sets["paired/target"]), "--out", str(tmp_path / "m.pt")]
     sets = [a for item in TINY + ["pretrain.steps=2"] for a in ("--set", item)]
-    assert pretrain_mod.main(sets + argv) == 0
+    assert cli.main(["pretrain", *sets, *argv]) == 0
     assert (tmp_path / "m.pt").is_file()
-    assert pretrain_mod.main(sets + ["--paired-input", str(tmp_path / "nowhere")] + argv[2:]) == 2
-    assert pretrain_mod.main(["--set", "model.width=1"] + argv) == 2
+    assert cli.main(["pretrain", *sets, "--paired-input", str(tmp_path / "nowhere"), *argv[2:]]) == 2
+    assert cli.main(["pretrain", "--set", "model.width=1", *argv]) == 2
+    assert cli.main(["pretrain", *sets, "--out", str(tmp_path / "m2.pt")]) == 2  # no paired folders
     err = capsys.readouterr().err
-    assert "nowhere" in err and "model.width" in err and "Traceback" not in err
+    assert "nowhere" in err and "model.width" in err and "data.paired_input_dir" in err and "Traceback" not in err
+
+
+def test_pretrain_command_takes_the_folders_from_the_config_and_reports_skipped_files(haze_sets, tmp_path, capsys):
+    paired = tmp_path / "paired"
+    shutil.copytree(haze_sets["paired/input"], paired / "input")
+    shutil.copytree(haze_sets["paired/target"], paired / "target")
+    (paired / "input" / "broken.png").write_text("not a PNG")
+    (paired / "target" / "broken.png").write_text("not a PNG")
+    sets = [a for item in [*TINY, "pretrain.steps=2", f"data.paired_input_dir={paired / 'input'}",
+                           f"data.paired_target_dir={paired / 'target'}"] for a in ("--set", item)]
+    assert cli.main(["pretrain", *sets, "--out", str(tmp_path / "m.pt")]) == 1  # trained; a file was skipped
+    assert (tmp_path / "m.pt").is_file() and "broken.png" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- restore
@@ -177,17 +191,20 @@ def test_restore_folder_writes_good_and_reports_bad(tmp_path, in_dir):
     assert read_image(tmp_path / "out" / "img1.png").shape == (37, 53, 3)
 
 
-def test_restore_main_exit_codes(tmp_path, in_dir, capsys):
+def test_restore_command_exit_codes(tmp_path, in_dir, capsys):
     ckpt = tiny_model_file(tmp_path / "m.pt")
     out = tmp_path / "out"
-    assert restore_mod.main(["--checkpoint", str(ckpt), "--score", "6", str(in_dir), str(out)]) == 1
+    restore = ["restore", "--device", "cpu", "--checkpoint"]
+    assert cli.main([*restore, str(ckpt), "--score", "6", str(in_dir), str(out)]) == 1
     err = capsys.readouterr().err
     assert "bad.png" in err and "Traceback" not in err
     (in_dir / "bad.png").unlink()
-    assert restore_mod.main(["--checkpoint", str(ckpt), str(in_dir), str(out)]) == 0
-    assert restore_mod.main(["--checkpoint", str(tmp_path / "none.pt"), str(in_dir), str(out)]) == 2
-    assert restore_mod.main(["--checkpoint", str(ckpt), "--score", "11", str(in_dir), str(out)]) == 2
-    assert restore_mod.main(["--checkpoint", str(ckpt), str(in_dir), str(in_dir)]) == 2
+    assert cli.main([*restore, str(ckpt), str(in_dir), str(out)]) == 0
+    assert cli.main([*restore, str(tmp_path / "none.pt"), str(in_dir), str(out)]) == 2
+    assert cli.main([*restore, str(ckpt), "--score", "11", str(in_dir), str(out)]) == 2
+    assert cli.main([*restore, str(ckpt), str(in_dir), str(in_dir)]) == 2
+    assert cli.main([*restore, str(ckpt), "--device", "nope", str(in_dir), str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def _restored(ckpt, in_dir, out_dir, score: float, **kwargs) -> np.ndarray:

@@ -11,7 +11,7 @@ from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_snapshot
-from qualiteacher.student_step import step_losses
+from qualiteacher.student_step import StepContext, step_losses
 
 
 class _Paired:
@@ -34,8 +34,8 @@ def test_flat_bank_batch_skips_reward_terms(weights_dir):
     def flat_reward(y):  # what the real ensemble does when the student's output is flat
         return ensemble.reward(torch.full_like(y, 0.5)) + 0 * y.mean()
 
-    out = step_losses(cfg, model, _Paired(), _flat_batch(2), flat_reward, np.random.default_rng(0),
-                      torch.Generator().manual_seed(0), torch.device("cpu"), step=10,
-                      initial_injection=injection_snapshot(model))
+    ctx = StepContext(device=torch.device("cpu"), rng=np.random.default_rng(0), gen=torch.Generator().manual_seed(0),
+                      reward=flat_reward, initial_injection=injection_snapshot(model))
+    out = step_losses(cfg, model, _Paired(), _flat_batch(2), ctx, step=10)
     assert "pixel" in out and torch.isfinite(out["total"])
     out["total"].backward()

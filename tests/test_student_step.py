@@ -16,7 +16,7 @@ from qualiteacher.losses.preference import preference_loss, sample_low_scores
 from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_parameters, injection_snapshot
-from qualiteacher.student_step import step_losses
+from qualiteacher.student_step import StepContext, step_losses
 
 CROP = 32
 
@@ -45,6 +45,10 @@ def _bank_batch() -> BankBatch:
 
 def _reward(y):  # smooth, differentiable, depends on every pixel: a stand-in metric
     return y.mean(dim=(1, 2, 3)) - 0.5 * y.var(dim=(1, 2, 3))
+
+
+def _no_reward() -> StepContext:
+    return StepContext(device=torch.device("cpu"), rng=np.random.default_rng(0), gen=torch.Generator())
 
 
 def _model(cfg):
@@ -91,8 +95,9 @@ def test_shared_forward_step_equals_one_forward_per_condition(fidelity):
     model = _model(cfg)
     initial = injection_snapshot(model)
     paired, batch = _Paired(), _bank_batch()
-    shared = step_losses(cfg, model, paired, batch, _reward, np.random.default_rng(0),
-                         torch.Generator().manual_seed(5), torch.device("cpu"), step=3, initial_injection=initial)
+    ctx = StepContext(device=torch.device("cpu"), rng=np.random.default_rng(0), gen=torch.Generator().manual_seed(5),
+                      reward=_reward, initial_injection=initial)
+    shared = step_losses(cfg, model, paired, batch, ctx, step=3)
     assert {"pixel", "pref_rank", "pref_anchor", "pref_identity"} <= set(shared)
     assert ("pref_fidelity" in shared) == (fidelity > 0)
     reference_model = copy.deepcopy(model)
@@ -114,15 +119,12 @@ def test_padding_slots_do_not_count():
                              "loss.consistency.enabled=false"])
     model = _model(cfg)
     batch = _bank_batch()
-    out = step_losses(cfg, model, _Paired(), batch, None, np.random.default_rng(0), torch.Generator(),
-                      torch.device("cpu"), step=0, initial_injection=None)
+    out = step_losses(cfg, model, _Paired(), batch, _no_reward(), step=0)
     batch.pl[2, 1:] = 1e3  # garbage in the padding slots changes nothing
-    again = step_losses(cfg, model, _Paired(), batch, None, np.random.default_rng(0), torch.Generator(),
-                        torch.device("cpu"), step=0, initial_injection=None)
+    again = step_losses(cfg, model, _Paired(), batch, _no_reward(), step=0)
     assert torch.equal(out["pixel"], again["pixel"])
     batch.pl[2, 0] = 1e3  # the one real slot of image 2 does count
-    third = step_losses(cfg, model, _Paired(), batch, None, np.random.default_rng(0), torch.Generator(),
-                        torch.device("cpu"), step=0, initial_injection=None)
+    third = step_losses(cfg, model, _Paired(), batch, _no_reward(), step=0)
     assert third["pixel"] > 10 * out["pixel"]
 
 
@@ -138,8 +140,7 @@ def test_supervised_loss_runs_at_the_chosen_condition(condition):
     cfg = load_config(None, [f"data.crop_size={CROP}", f"loss.supervised_condition={condition}",
                              "loss.consistency.enabled=false"])
     model, paired = _model(cfg), _PairedWithLevels()
-    out = step_losses(cfg, model, paired, None, None, np.random.default_rng(0), torch.Generator(),
-                      torch.device("cpu"), step=0, initial_injection=None)
+    out = step_losses(cfg, model, paired, None, _no_reward(), step=0)
     with torch.no_grad():
         at_levels = l1(model(paired.x, paired.levels), paired.y)
         at_cap = l1(model(paired.x, cfg.model.score_cap), paired.y)
