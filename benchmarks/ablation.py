@@ -162,7 +162,7 @@ def mean_of_runs(runs: list[dict]) -> dict:
 
 def evaluate_checkpoint(checkpoint: Path, sets: dict[str, Path], ensemble, folder: Path, score: float) -> dict:
     """The test set restored by ``checkpoint`` at ``score``, evaluated (per image: file, PSNR, NR)."""
-    from pipelines.restore import restore_folder
+    from qualiteacher.pipelines.restore import restore_folder
 
     quality.restore_checked(restore_folder, checkpoint, sets["test/input"], folder, score)
     result = quality.evaluate(folder, ensemble, sets["test/target"])

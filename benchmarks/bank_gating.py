@@ -42,7 +42,7 @@ AUGS = ("identity", "hflip", "vflip")
 
 def make_pl_images(n_images: int, size: int):
     """Per image, 3 PNG `Image` messages (the photo at three brightness offsets)."""
-    from services.bank.codec import encode_image
+    from qualiteacher.services.bank.codec import encode_image
 
     out = []
     for img in sample_images(n_images, size):
@@ -53,7 +53,7 @@ def make_pl_images(n_images: int, size: int):
 
 def make_round(pl_images, round_index: int, rng: np.random.Generator) -> list[tuple[str, list]]:
     """One round of candidates: per image, 3 entries with new label ids and scores."""
-    from services.bank.codec import build_entry
+    from qualiteacher.services.bank.codec import build_entry
 
     out = []
     for i, images in enumerate(pl_images):
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
     reps, warmup = reps_and_warmup(args, full=(15, 1), fast=(2, 1))
     n_images = args.images or (4 if args.fast else 32)
 
-    from services.bank.store import MemoryBank
-    from services.redis_server import redact_url, redis_client
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.redis_server import redact_url, redis_client
 
     pl_images = make_pl_images(n_images, args.size)
     rng = np.random.default_rng(0)

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
     n_images = args.images or (3 if args.fast else 40)
     n_rounds = args.rounds or (2 if args.fast else 3)
 
-    from services.bank.codec import encode_image
-    from services.bank.store import MemoryBank
-    from services.redis_server import redact_url, redis_client
+    from qualiteacher.services.bank.codec import encode_image
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.redis_server import redact_url, redis_client
 
     rng = np.random.default_rng(0)
     pl_images = make_pl_images(n_images, args.size)

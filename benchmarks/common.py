@@ -259,7 +259,7 @@ def redis_session(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from services.redis_server import EmbeddedRedis
+    from qualiteacher.services.redis_server import EmbeddedRedis
 
     with tempfile.TemporaryDirectory(prefix="qt-bench-redis-") as data_dir, EmbeddedRedis(data_dir) as server:
         yield server.url

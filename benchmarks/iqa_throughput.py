@@ -3,7 +3,7 @@
 Same metrics (BRISQUE, NIQE, PIQE, weights 0.4/0.3/0.3), same images (photos bundled with
 scikit-image at 288 px), same 3x3 block grid (96 px blocks, so NIQE scores blocks too):
 
-* batched (what `services.scorer.ScorerWorker.process` does): `IQAEnsemble.score` on the
+* batched (what `qualiteacher.services.scorer.ScorerWorker.process` does): `IQAEnsemble.score` on the
   whole batch, then `IQAEnsemble.block_scores`, which unfolds every block of every image
   into one batch; each metric call takes at most `iqa.max_batch_pixels` pixels (the
   quickstart config's 82944: 1 image or 9 blocks at 288 px), as the scorer's does;

@@ -1,6 +1,6 @@
 """Labelling efficiency: the training job with and without re-labelling what has not changed.
 
-The demo's training phase (`pipelines.train.run` with `configs/quickstart.yaml` on the
+The demo's training phase (`qualiteacher.pipelines.train.run` with `configs/quickstart.yaml` on the
 bundled sample sets: local Ray, teacher and scorer actors, the Ray Train student) runs
 twice in one process, on the same data and the same stage-1 teacher (both made once,
 before either run):
@@ -90,8 +90,8 @@ def base_overrides(args) -> tuple[Path, list[str]]:
 
 def shared_inputs(cfg, root: Path) -> list[str]:
     """Make the data sets and the stage-1 teacher once; overrides that point a run at them."""
-    from pipelines.pretrain import pretrain
-    from pipelines.train import prepare_data
+    from qualiteacher.pipelines.pretrain import pretrain
+    from qualiteacher.pipelines.train import prepare_data
     from qualiteacher.run_dir import RunDir
 
     shared = RunDir(root)  # laid out as a run folder: its data sets and stage-1 teacher
@@ -104,10 +104,10 @@ def shared_inputs(cfg, root: Path) -> list[str]:
 
 def train_once(config: Path, overrides: list[str], relabel_unchanged: bool, url: str, run_dir: Path) -> dict:
     """One training job; its summary, the bank's counters and the student's steps/s."""
-    from pipelines.train import run
+    from qualiteacher.pipelines.train import run
     from qualiteacher.config import load_config
-    from services.bank.store import MemoryBank
-    from services.redis_server import redis_client
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.redis_server import redis_client
 
     tag = unique_prefix("le")
     cfg = load_config(config, [*overrides, f"labelling.relabel_unchanged={str(relabel_unchanged).lower()}",
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
 
     import ray
 
-    from pipelines.train import init_ray
+    from qualiteacher.pipelines.train import init_ray
     from qualiteacher.config import load_config
 
     config, overrides = base_overrides(args)

@@ -186,7 +186,7 @@ def on_scale(ensemble, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def calibrated_ranges(ensemble, teacher: Callable, unpaired: list[np.ndarray], cfg) -> dict[str, tuple[float, float]]:
-    """The ranges a training run would fit (`pipelines.train._fit_calibration`): percentiles
+    """The ranges a training run would fit (`qualiteacher.pipelines.train._fit_calibration`): percentiles
     ``iqa.calibration_percentiles`` of the raw scores of the stage-1 teacher's multi-aug PLs
     of up to ``iqa.calibration_images`` unpaired inputs. Kept in this one function so that
     the audit follows when calibration changes."""
@@ -332,7 +332,7 @@ def size_series(task: str, names: list[str], args: argparse.Namespace, seed: int
 
 def collect(task: str, args: argparse.Namespace, ensemble, task_dir: Path) -> dict:
     """Everything measured on one task: raw scores and PSNR / SSIM (no scale applied yet)."""
-    from pipelines.pretrain import pretrain
+    from qualiteacher.pipelines.pretrain import pretrain
     from qualiteacher.data.samples import make_task_sets
     from qualiteacher.imageio import list_images, read_image
     from qualiteacher.method.augment import multi_aug_pseudo_labels

@@ -121,7 +121,7 @@ class Task:
         return model.eval()
 
     def _calibrated(self, cfg, teacher):
-        """The run's NR scale and drop thresholds, as `pipelines.train.calibrate_run` fits them."""
+        """The run's NR scale and drop thresholds, as `qualiteacher.pipelines.train.calibrate_run` fits them."""
         from qualiteacher.calibration import calibrate
         from qualiteacher.iqa.ensemble import IQAEnsemble
 

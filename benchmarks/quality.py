@@ -255,7 +255,7 @@ def controllability(checkpoint: Path, sets: dict[str, Path], ensemble, folder_st
     The curve uses the images that every condition's output could be scored on, so each
     point averages the same images.
     """
-    from pipelines.restore import restore_folder
+    from qualiteacher.pipelines.restore import restore_folder
 
     test_in, test_gt = sets["test/input"], sets["test/target"]
     sweep = []
@@ -301,7 +301,7 @@ def compare_methods(methods: dict[str, dict]) -> tuple[dict, bool]:
 
 # ---------------------------------------------------------------------------- one task
 def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
-    from pipelines.restore import restore_folder
+    from qualiteacher.pipelines.restore import restore_folder
     from qualiteacher.config import load_config
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
@@ -377,8 +377,8 @@ def train_student(task: str, args: argparse.Namespace, run_dir: Path, overrides:
     namespace and embedded Redis: (run info, seconds). ``extra``: this run's own overrides.
     ``baseline``: the baseline of that config (`Config.as_baseline`), whose method fields
     (the budget's ladder and dual drop among them) take the baseline's values."""
-    from pipelines.train import headline_line
-    from pipelines.train import run as train_run
+    from qualiteacher.pipelines.train import headline_line
+    from qualiteacher.pipelines.train import run as train_run
     from qualiteacher.config import load_config
 
     shared = [f"data.paired_input_dir={sets['paired/input'].resolve()}",
@@ -435,7 +435,7 @@ def stage1_models(base_cfg, args: argparse.Namespace, overrides: list[str], sets
     """
     import torch
 
-    from pipelines.pretrain import pretrain
+    from qualiteacher.pipelines.pretrain import pretrain
     from qualiteacher.checkpoint import load_restorer, save_model_file
     from qualiteacher.config import load_config
     from qualiteacher.imageio import list_images, read_image, to_tensor

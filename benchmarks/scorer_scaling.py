@@ -1,6 +1,6 @@
 """Labelling throughput with 1 and 2 scorer actors when scoring is the bottleneck.
 
-The real pipeline: a `services.labeller.Labeller` actor streams images through a teacher
+The real pipeline: a `qualiteacher.services.labeller.Labeller` actor streams images through a teacher
 actor (multi-aug pseudo-labels), scorer actors (3 metrics on every PL, 3x3 block maps,
 gate into the Redis bank) with its back-pressure and in-flight limits. The teacher is
 tiny (a width-4, one-level NAFNet, about 3k parameters) and scoring is heavy (BRISQUE,
@@ -71,10 +71,10 @@ def component_bound(cfg: dict, url: str, images: list) -> tuple[float, float]:
     from qualiteacher.config import ModelConfig
     from qualiteacher.flat_weights import flatten
     from qualiteacher.models.build import build_model
-    from services.bank.store import MemoryBank
-    from services.redis_server import redis_client
-    from services.scorer import ScorerWorker
-    from services.teacher import TeacherWorker
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.redis_server import redis_client
+    from qualiteacher.services.scorer import ScorerWorker
+    from qualiteacher.services.teacher import TeacherWorker
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
     from qualiteacher.config import ModelConfig
     from qualiteacher.flat_weights import flatten
     from qualiteacher.models.build import build_model
-    from services.bank.store import MemoryBank
-    from services.labeller import Labeller
-    from services.redis_server import redis_client
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.labeller import Labeller
+    from qualiteacher.services.redis_server import redis_client
 
     images = sample_images(n_images, size)
     ids = [f"im{i}" for i in range(n_images)]

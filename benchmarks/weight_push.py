@@ -63,7 +63,7 @@ def model_configs(fast: bool) -> dict[str, dict]:
 
 def state_dict_teacher():
     """A teacher that also takes a plain state dict: the push path before flat weights."""
-    from services.teacher import TeacherWorker
+    from qualiteacher.services.teacher import TeacherWorker
 
     class StateDictTeacher(TeacherWorker):
         def set_state_dict(self, state: dict, version: int) -> int:

@@ -1,6 +1,6 @@
 """The `qualiteacher` command. Each subcommand parses its arguments and calls one function.
 
-The one front end of the jobs: `python -m pipelines.train ARGS` (the `ray job submit` entry
+The one front end of the jobs: `python -m qualiteacher.pipelines.train ARGS` (the `ray job submit` entry
 point) is `qualiteacher train ARGS`.
 
 Exit codes: 0 success; 1 some inputs failed (each reported); 2 bad usage, config or set-up.
@@ -186,7 +186,7 @@ def cmd_degrade(args) -> int:
 
 # ---- pipelines ----
 def cmd_pretrain(args) -> int:
-    from pipelines.pretrain import load_paired, pretrain
+    from qualiteacher.pipelines.pretrain import load_paired, pretrain
 
     cfg = _config(args)
     try:  # no folders given or set, or nothing readable in them
@@ -206,7 +206,7 @@ def _stderr(msg: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from pipelines.train import headline_json, run
+    from qualiteacher.pipelines.train import headline_json, run
 
     cfg = _config(args)
     print(headline_json(run(cfg, args.run_dir or cfg.paths.run_dir)))
@@ -214,7 +214,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from pipelines.restore import restore_folder
+    from qualiteacher.pipelines.restore import restore_folder
 
     try:
         report = restore_folder(args.checkpoint, Path(args.in_dir), Path(args.out_dir), score=args.score,
@@ -232,7 +232,7 @@ def cmd_restore(args) -> int:
 def cmd_scale(args) -> int:
     import ray
 
-    from services.names import LABELLER
+    from qualiteacher.services.names import LABELLER
 
     if not ray.is_initialized():
         ray.init(address=args.address or "auto", namespace=args.namespace, log_to_driver=False)
@@ -245,8 +245,8 @@ def cmd_scale(args) -> int:
 
 
 def cmd_bank_check(args) -> int:
-    from services.bank.store import MemoryBank
-    from services.redis_server import redact_url, redis_client
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.redis_server import redact_url, redis_client
 
     bank = MemoryBank(redis_client(args.redis), prefix=args.prefix, top_k=args.top_k)
     problems = bank.check_invariants()
@@ -261,7 +261,7 @@ def cmd_bank_check(args) -> int:
 def cmd_monitor(args) -> int:
     import os
 
-    from services.monitor.app import TOKEN_ENV, serve
+    from qualiteacher.services.monitor.app import TOKEN_ENV, serve
 
     try:
         serve(args.redis, host=args.host, port=args.port, token=args.token or os.environ.get(TOKEN_ENV),
@@ -273,7 +273,7 @@ def cmd_monitor(args) -> int:
 
 # ---- demo ----
 def cmd_demo(args) -> int:
-    from pipelines.demo import run_demo
+    from qualiteacher.pipelines.demo import run_demo
 
     cfg = _config(args)
     return run_demo(cfg, args.run_dir)
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command in ("train", "pretrain", "demo") and not args.verbose:
         logging.getLogger("qualiteacher").setLevel(logging.INFO)  # job progress
+        logging.getLogger("qualiteacher.services").setLevel(logging.WARNING)  # not the services' chatter
     try:
         return args.func(args)
     except (ConfigError, UsageError, FileNotFoundError, NotADirectoryError) as exc:

@@ -32,8 +32,8 @@ def mean_psnr(pred_dir: Path, gt_dir: Path) -> float:
 
 
 def run_demo(cfg: Config, run_dir: Path) -> int:
-    from pipelines.restore import restore_folder
-    from pipelines.train import headline_line, run
+    from qualiteacher.pipelines.restore import restore_folder
+    from qualiteacher.pipelines.train import headline_line, run
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.iqa.weights import prepare
     from qualiteacher.scoring import score_files
@@ -64,7 +64,7 @@ def run_demo(cfg: Config, run_dir: Path) -> int:
 
 def restored_at(summary: dict, test_in: Path, run_folder: RunDir, score: float) -> Path:
     """The test inputs restored by the trained student at `score` (restored/score_<s>)."""
-    from pipelines.restore import restore_folder
+    from qualiteacher.pipelines.restore import restore_folder
 
     out = run_folder.restored(f"score_{score:g}")
     restore_folder(Path(summary["checkpoint"]), test_in, out, score=score)

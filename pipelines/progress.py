@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 
-from services.bank.store import MemoryBank
+from qualiteacher.services.bank.store import MemoryBank
 
 log = logging.getLogger("qualiteacher.progress")
 

@@ -1,8 +1,8 @@
 """QualiTeacher training job: the `ray job submit` entrypoint, also run locally by the CLI.
 
-    ray job submit --working-dir . -- python -m pipelines.train --config configs/quickstart.yaml
+    ray job submit --working-dir . -- python -m qualiteacher.pipelines.train --config configs/quickstart.yaml
 
-`python -m pipelines.train ARGS` is `qualiteacher train ARGS` (`pipelines/cli.py` parses both).
+`python -m qualiteacher.pipelines.train ARGS` is `qualiteacher train ARGS` (`pipelines/cli.py` parses both).
 
 Joins the Ray cluster it runs in (or starts a local one), uses Redis from `redis.url` /
 $REDIS_URL (or starts an embedded one in the run folder), prepares data, takes the stage-1
@@ -25,16 +25,16 @@ import numpy as np
 import ray
 import torch
 
-from pipelines.progress import ProgressReporter
+from qualiteacher.pipelines.progress import ProgressReporter
 from qualiteacher.checkpoint import load_training_state
 from qualiteacher.config import Config, ConfigError
 from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from qualiteacher.run_dir import TRAIN_RUN_NAME, RunDir
-from services.bank.store import MemoryBank
-from services.names import LABELLER
-from services.nodes import node_changes, node_table
-from services.redis_server import redact_url, redis_client, resolve_redis
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.names import LABELLER
+from qualiteacher.services.nodes import node_changes, node_table
+from qualiteacher.services.redis_server import redact_url, redis_client, resolve_redis
 
 log = logging.getLogger("qualiteacher.train")
 
@@ -58,7 +58,7 @@ def init_ray(cfg: Config) -> None:
 def warn_unplaceable(cfg: Config) -> None:
     """Name the roles whose custom resources no node has now: their actors wait for such a
     node (a typo in a resource name would otherwise look like a hang)."""
-    from services.placement import unplaceable_roles
+    from qualiteacher.services.placement import unplaceable_roles
 
     for field, names in unplaceable_roles(cfg, ray.cluster_resources()).items():
         log.warning("%s asks for %s, which no node of the cluster has now: its actors wait until "
@@ -89,7 +89,7 @@ def prepare_data(cfg: Config, run_folder: RunDir) -> dict[str, Path]:
 
 def initial_teacher(cfg: Config, run_folder: RunDir, data: dict[str, Path]) -> tuple[dict, dict, int]:
     """(student init state, teacher state, teacher version) for this run."""
-    from pipelines.pretrain import pretrain
+    from qualiteacher.pipelines.pretrain import pretrain
     from qualiteacher.checkpoint import load_restorer
 
     stage1 = cfg.pretrain.checkpoint or run_folder.pretrain
@@ -171,10 +171,10 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
 
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
     """The labeller actor, on the driver's node. Its handle goes to the student through
-    `run_student`; its name (`services.names.LABELLER`) is for outside tools (`qualiteacher scale`)."""
+    `run_student`; its name (`qualiteacher.services.names.LABELLER`) is for outside tools (`qualiteacher scale`)."""
     from qualiteacher.data.paired import UnpairedImages
-    from services.labeller import Labeller
-    from services.placement import on_driver_node
+    from qualiteacher.services.labeller import Labeller
+    from qualiteacher.services.placement import on_driver_node
 
     try:
         unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size,
@@ -200,8 +200,8 @@ def run_student(cfg: Config, run_folder: RunDir, redis_url: str, data: dict, ini
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.placement import train_worker_resources
-    from services.student import train_loop_per_worker
+    from qualiteacher.services.placement import train_worker_resources
+    from qualiteacher.services.student import train_loop_per_worker
 
     tc = cfg.train
     # Ray Train would move each worker into its run folder; staying in the job's working
@@ -345,7 +345,7 @@ def _summary(cfg, run_folder: RunDir, redis_url, result, label_stats, teacher_ve
     return summary
 
 
-# What a finished run prints: `qualiteacher train` and `python -m pipelines.train` as JSON,
+# What a finished run prints: `qualiteacher train` and `python -m qualiteacher.pipelines.train` as JSON,
 # the demo and the quality benchmark as one line.
 HEADLINE_KEYS = ("steps", "teacher_version", "bank_images", "bank_entries", "max_entries_per_image",
                  "dropped", "checkpoint", "elapsed_s")
@@ -362,6 +362,6 @@ def headline_line(summary: dict) -> str:
 
 
 if __name__ == "__main__":  # the `ray job submit` entry point: `qualiteacher train`, by another name
-    from pipelines.cli import main
+    from qualiteacher.pipelines.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """Regenerate the Python code for the protobuf records in this folder.
 
-    python -m protos.generate            # rewrite protos/*_pb2.py(i) in place
-    python -m protos.generate OUT_DIR    # write them into OUT_DIR instead
+    python -m qualiteacher.protos.generate            # rewrite protos/*_pb2.py(i) in place
+    python -m qualiteacher.protos.generate OUT_DIR    # write them into OUT_DIR instead
 
 Needs ``grpcio-tools`` (a test extra). ``tests/test_protos_in_sync.py`` regenerates into a
 temporary folder and compares byte for byte with the committed files, so edit the

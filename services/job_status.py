@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from services.bank.keys import BankKeys, as_str
+from qualiteacher.services.bank.keys import BankKeys, as_str
 
 # Fields written as floats; every other field is an int.
 _FLOAT_FIELDS = frozenset({"student_loss"})

@@ -33,13 +33,13 @@ import redis
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from qualiteacher.config import Config
-from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank
-from services.names import scorer_name, teacher_name
-from services.placement import actor_options
-from services.redis_server import redis_client
-from services.scorer import ScorerWorker
-from services.teacher import TeacherWorker
+from qualiteacher.services.bank.inputs import InputStore
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.names import scorer_name, teacher_name
+from qualiteacher.services.placement import actor_options
+from qualiteacher.services.redis_server import redis_client
+from qualiteacher.services.scorer import ScorerWorker
+from qualiteacher.services.teacher import TeacherWorker
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)

@@ -21,10 +21,10 @@ import torch
 from qualiteacher.config import Config
 from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.method.judge import Verdict, judge, ladder_levels, scored_rungs
-from services.bank.codec import build_entry
-from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank
-from services.redis_server import redis_client
+from qualiteacher.services.bank.codec import build_entry
+from qualiteacher.services.bank.inputs import InputStore
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.redis_server import redis_client
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ all-reduce is correct for any number of forwards.
 Rank 0 keeps the EMA teacher; every `push_every` steps it packs its state into one byte
 buffer (`qualiteacher.flat_weights`, which Ray reads without a copy), does one `ray.put`
 and hands `(ref, version)` to the labeller, which forwards it to every teacher. The job hands
-the labeller's actor handle over in the loop's config (`pipelines.train.run_student`).
+the labeller's actor handle over in the loop's config (`qualiteacher.pipelines.train.run_student`).
 Checkpoints (student, EMA, optimiser, step, teacher version) go through `ray.train.report`;
 a restarted run resumes from the latest one. Rank 0 also keeps the training log
 (`services/training_log.py`: TensorBoard events in the run folder, the monitor's stream and
@@ -46,11 +46,11 @@ from qualiteacher.student_step import (
     step_losses,
     target_levels,
 )
-from services.bank.codec import decode_image, decode_weights
-from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank
-from services.redis_server import redis_client
-from services.training_log import TrainingLog
+from qualiteacher.services.bank.codec import decode_image, decode_weights
+from qualiteacher.services.bank.inputs import InputStore
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.redis_server import redis_client
+from qualiteacher.services.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 

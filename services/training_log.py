@@ -29,8 +29,8 @@ from qualiteacher.training_log import (
     score_histogram,
     step_scalars,
 )
-from services.bank.store import MemoryBank
-from services.training_stream import TrainingStream
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.training_stream import TrainingStream
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)

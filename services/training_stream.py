@@ -3,7 +3,7 @@
 The student's rank 0 writes (`services/training_log.py`) and the monitor reads, so data moves
 one way: student -> Redis -> monitor, and the monitor's training panel outlives both a
 monitor restart and the job. Values are text (a float's ``repr``), JSON or PNG bytes, never
-pickles. Keys: ``{prefix}:train`` and ``{prefix}:train:probe`` (`services.bank.keys`).
+pickles. Keys: ``{prefix}:train`` and ``{prefix}:train:probe`` (`qualiteacher.services.bank.keys`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from qualiteacher.training_log import PROBE_NAME
-from services.bank.keys import BankKeys
+from qualiteacher.services.bank.keys import BankKeys
 
 DEFAULT_MAXLEN = 10_000  # points kept (approximately: MAXLEN ~ trims whole stream nodes)
 STEP = "step"

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from services.bank import MemoryBank
-from services.redis_server import EmbeddedRedis
+from qualiteacher.services.bank import MemoryBank
+from qualiteacher.services.redis_server import EmbeddedRedis
 
 
 def unique_prefix() -> str:

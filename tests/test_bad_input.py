@@ -156,14 +156,14 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     # One intra-op thread: the images are small, and on a busy 2-core machine torch's default
     # thread pool spins against the test runner (a 3 s restore took 30 s).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qualiteacher.pipelines.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, check=False, env=env)
 
 
 def _main(capsys, *args: str) -> subprocess.CompletedProcess:
     """The CLI in this process (cheap: no new interpreter, no second torch import), as a
     CompletedProcess so that _check_report applies; an uncaught exception fails the test."""
-    from pipelines.cli import main
+    from qualiteacher.pipelines.cli import main
 
     code = main(list(args))
     out, err = capsys.readouterr()
@@ -313,7 +313,7 @@ def test_restore_usage_errors_exit_2(good_only, tiny_model, tmp_path, capsys, ar
 def test_training_over_a_messy_folder(ray_cluster, weights_dir, corpus, tmp_path, caplog):
     """The smoke job with the messy folder as its unpaired data (and broken files among the
     paired ones): each bad file is logged once, by name, and skipped; the run completes."""
-    from pipelines.train import run
+    from qualiteacher.pipelines.train import run
     from qualiteacher.config import load_config
     from qualiteacher.data.samples import make_task_sets
 
@@ -342,8 +342,8 @@ def test_training_over_a_messy_folder(ray_cluster, weights_dir, corpus, tmp_path
         assert len(hits) == 1, (name, hits)
     assert summary["labelling"]["failed"] == 0
     # Every readable file (odd ones included) became a labelling input: reopen the run's bank.
-    from services.bank.inputs import InputStore
-    from services.redis_server import EmbeddedRedis
+    from qualiteacher.services.bank.inputs import InputStore
+    from qualiteacher.services.redis_server import EmbeddedRedis
 
     readable = [Path(n).stem for n in _names(corpus) if n not in UNREADABLE]
     with EmbeddedRedis(run_dir / "redis") as server:
@@ -362,8 +362,8 @@ def test_scorer_drops_an_unscorable_pl_set_and_keeps_the_rest(weights_dir, redis
     others; before, the whole batch failed and the labeller retried it for minutes.
     At 192 px the 2x2 blocks are 96 px, so NIQE scores blocks too and raises on the flat ones."""
     from qualiteacher.config import load_config
-    from services.bank.store import MemoryBank
-    from services.scorer import ScorerWorker
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.scorer import ScorerWorker
     from tests.redis_fixtures import unique_prefix
 
     prefix = unique_prefix()

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import bank_entry_pb2 as pb
+from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.method.gating import Scored
 from qualiteacher.method.gating import gate as reference_gate
-from services.bank import (
+from qualiteacher.services.bank import (
     MemoryBank,
     build_entry,
     decode_image,
@@ -28,8 +28,8 @@ from services.bank import (
     encode_image,
     validate_id,
 )
-from services.bank.keys import BankKeys
-from services.redis_server import EmbeddedRedis, redis_client
+from qualiteacher.services.bank.keys import BankKeys
+from qualiteacher.services.redis_server import EmbeddedRedis, redis_client
 from tests.redis_fixtures import unique_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -414,7 +414,7 @@ def test_build_entry_level_cap():
 
 
 def test_bank_summary_from_counters_equals_a_count_per_image(bank):
-    from pipelines.train import bank_summary
+    from qualiteacher.pipelines.train import bank_summary
 
     def per_image(bank):  # the definition: visit every image's bank
         counts = [len(bank.labels(image)) for image, _, _ in bank.list_images(0, 10_000, sort="id")]

@@ -109,7 +109,7 @@ def unpaired_dir(tmp_path, calibration_dir):
 
 
 def test_calibrate_run_saves_once_and_reuses_on_resume(tmp_path, unpaired_dir, weights_dir):
-    from pipelines.train import calibrate_run
+    from qualiteacher.pipelines.train import calibrate_run
     from qualiteacher.models.build import build_model
     from qualiteacher.run_dir import RunDir
 
@@ -140,7 +140,7 @@ def _data(folder):
 
 
 def test_calibration_off_changes_nothing(tmp_path, unpaired_dir):
-    from pipelines.train import calibrate_run
+    from qualiteacher.pipelines.train import calibrate_run
     from qualiteacher.run_dir import RunDir
 
     cfg = load_config(None)
@@ -151,7 +151,7 @@ def test_calibration_off_changes_nothing(tmp_path, unpaired_dir):
 def test_drop_thresholds_fitted_on_the_fixed_scale(tmp_path, unpaired_dir, weights_dir):
     """`drop.calibrate_keep` without `iqa.calibrate` (paper.yaml): the registry ranges stay,
     the thresholds are fitted on that scale, and the worst sets are dropped."""
-    from pipelines.train import calibrate_run
+    from qualiteacher.pipelines.train import calibrate_run
     from qualiteacher.models.build import build_model
     from qualiteacher.run_dir import RunDir
 

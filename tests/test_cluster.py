@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from qualiteacher.checkpoint import load_training_state
-from services.bank.store import MemoryBank
-from services.redis_server import redis_client
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.redis_server import redis_client
 from tests.local_cluster import LocalCluster
 from tests.redis_fixtures import unique_prefix
 
@@ -57,7 +57,7 @@ def submit(cluster: LocalCluster, run_dir: Path, redis_url: str, prefix: str, *o
     """`ray job submit` of the smoke config with the roles placed; its output in run_dir.log."""
     sets = [f"redis.url={redis_url}", f"redis.prefix={prefix}", f"ray.namespace={prefix}", *PLACED, *overrides]
     cmd = ["ray", "job", "submit", "--address", cluster.dashboard, "--runtime-env", "deploy/runtime_env.yaml",
-           "--working-dir", ".", "--", "python", "-m", "pipelines.train", "--config", "configs/smoke.yaml",
+           "--working-dir", ".", "--", "python", "-m", "qualiteacher.pipelines.train", "--config", "configs/smoke.yaml",
            "--run-dir", str(run_dir), *[arg for s in sets for arg in ("--set", s)]]
     log = open(f"{run_dir}.log", "w")  # noqa: SIM115 - the child keeps it
     try:
@@ -152,7 +152,7 @@ def wait_for(predicate, what: str, job: subprocess.Popen, timeout: float = 300) 
 def assert_bank_kept(bank: MemoryBank, redis_url: str, before: dict, stats_before: dict) -> None:
     """`qualiteacher bank check` passes, every entry there at the loss is still there or was
     evicted by better ones, and the counters only grew."""
-    check = subprocess.run([sys.executable, "-m", "pipelines.cli", "bank", "check", "--redis", redis_url,
+    check = subprocess.run([sys.executable, "-m", "qualiteacher.pipelines.cli", "bank", "check", "--redis", redis_url,
                             "--prefix", bank.prefix], cwd=REPO, capture_output=True, text=True, check=False)
     assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
     assert lost_entries(before, bank_snapshot(bank), top_k=bank.top_k) == []

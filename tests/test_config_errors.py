@@ -1,8 +1,8 @@
 """Bad configs fail at once with one clear error naming the field or file, before any work.
 
 Three layers: ``load_config`` (unknown keys, wrong types, out-of-range values, bad YAML),
-``pipelines.train.preflight`` (missing weights, checkpoints and data folders), and the
-commands users type: ``qualiteacher train`` and ``python -m pipelines.train`` exit 2 with
+``qualiteacher.pipelines.train.preflight`` (missing weights, checkpoints and data folders), and the
+commands users type: ``qualiteacher train`` and ``python -m qualiteacher.pipelines.train`` exit 2 with
 the field name on stderr, no traceback, within seconds, and start neither Redis nor Ray
 (the run folder is not even created).
 """
@@ -196,7 +196,7 @@ def test_as_baseline_turns_a_method_config_into_its_baseline():
 
 # ---------------------------------------------------------------------------- preflight
 def test_preflight_missing_metric_weights_names_the_file(tmp_path):
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     cfg = load_config(SMOKE, ["iqa.metrics={musiq: 1}", f"paths.weights_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError) as info:
@@ -207,7 +207,7 @@ def test_preflight_missing_metric_weights_names_the_file(tmp_path):
 
 
 def test_preflight_missing_offline_parameters_names_the_files(tmp_path):
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     cfg = load_config(SMOKE, [f"paths.weights_dir={tmp_path}"])  # brisque + niqe + piqe, nothing prepared
     message = str(pytest.raises(FileNotFoundError, preflight, cfg).value)
@@ -215,7 +215,7 @@ def test_preflight_missing_offline_parameters_names_the_files(tmp_path):
 
 
 def test_preflight_missing_perceptual_weights(tmp_path, weights_dir):
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     empty = tmp_path / "w"
     cfg = load_config(SMOKE, ["iqa.metrics={piqe: 1}", f"paths.weights_dir={empty}", "loss.perceptual_weight=0.1"])
@@ -224,7 +224,7 @@ def test_preflight_missing_perceptual_weights(tmp_path, weights_dir):
 
 
 def test_preflight_missing_pretrain_checkpoint(tmp_path, weights_dir):
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     cfg = load_config(SMOKE, [f"pretrain.checkpoint={tmp_path / 'stage1.pt'}"])
     message = str(pytest.raises(FileNotFoundError, preflight, cfg).value)
@@ -232,7 +232,7 @@ def test_preflight_missing_pretrain_checkpoint(tmp_path, weights_dir):
 
 
 def test_preflight_missing_data_folder(tmp_path, weights_dir):
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     for d in ("in", "tg"):
         (tmp_path / d).mkdir()
@@ -244,7 +244,7 @@ def test_preflight_missing_data_folder(tmp_path, weights_dir):
 
 def test_preflight_partial_data_folders(tmp_path, weights_dir):
     """Setting only some of the three folders would silently train on the bundled samples."""
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     cfg = load_config(SMOKE, [f"data.unpaired_dir={tmp_path}"])
     message = str(pytest.raises(ConfigError, preflight, cfg).value)
@@ -252,7 +252,7 @@ def test_preflight_partial_data_folders(tmp_path, weights_dir):
 
 
 def test_preflight_passes_a_good_config(weights_dir):
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
 
     preflight(load_config(SMOKE))
 
@@ -284,7 +284,7 @@ def test_cli_train_bad_config_exits_2(tmp_path, case):
     text, field, reason = BAD_YAML[case]
     bad = _write(tmp_path, case, text)
     run_dir = tmp_path / "run"
-    proc, elapsed = _run(["-m", "pipelines.cli", "train", "--config", str(bad)], run_dir)
+    proc, elapsed = _run(["-m", "qualiteacher.pipelines.cli", "train", "--config", str(bad)], run_dir)
     _assert_refused(proc, elapsed, run_dir, field, reason, str(bad))
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
     print(f"{case}: refused in {elapsed:.1f} s")
@@ -293,7 +293,7 @@ def test_cli_train_bad_config_exits_2(tmp_path, case):
 def test_cli_train_missing_weights_exits_2(tmp_path):
     run_dir, empty = tmp_path / "run", tmp_path / "empty"
     empty.mkdir()
-    proc, elapsed = _run(["-m", "pipelines.cli", "train", "--config", str(SMOKE), "--set", "iqa.metrics={musiq: 1}",
+    proc, elapsed = _run(["-m", "qualiteacher.pipelines.cli", "train", "--config", str(SMOKE), "--set", "iqa.metrics={musiq: 1}",
                           "--set", f"paths.weights_dir={empty}"], run_dir)
     _assert_refused(proc, elapsed, run_dir, "musiq_koniq_ckpt-e95806b9.pth", str(empty))
 
@@ -301,7 +301,7 @@ def test_cli_train_missing_weights_exits_2(tmp_path):
 def test_cli_train_missing_data_folder_exits_2(tmp_path, weights_dir):
     run_dir = tmp_path / "run"
     (tmp_path / "in").mkdir()
-    proc, elapsed = _run(["-m", "pipelines.cli", "train", "--config", str(SMOKE),
+    proc, elapsed = _run(["-m", "qualiteacher.pipelines.cli", "train", "--config", str(SMOKE),
                           "--set", f"data.paired_input_dir={tmp_path / 'in'}",
                           "--set", f"data.paired_target_dir={tmp_path / 'in'}",
                           "--set", f"data.unpaired_dir={tmp_path / 'nope'}"], run_dir)
@@ -309,21 +309,21 @@ def test_cli_train_missing_data_folder_exits_2(tmp_path, weights_dir):
 
 
 def test_job_entrypoint_bad_config_exits_2(tmp_path):
-    """`ray job submit -- python -m pipelines.train --config bad.yaml`: the same clear error."""
+    """`ray job submit -- python -m qualiteacher.pipelines.train --config bad.yaml`: the same clear error."""
     text, field, reason = BAD_YAML["out_of_range"]
     bad = _write(tmp_path, "bad", text)
     run_dir = tmp_path / "run"
-    proc, elapsed = _run(["-m", "pipelines.train", "--config", str(bad)], run_dir)
+    proc, elapsed = _run(["-m", "qualiteacher.pipelines.train", "--config", str(bad)], run_dir)
     _assert_refused(proc, elapsed, run_dir, field, reason)
 
 
 def test_job_entrypoint_is_the_cli_train_command():
-    """`python -m pipelines.train` has no parser of its own: its help is `qualiteacher train`'s."""
+    """`python -m qualiteacher.pipelines.train` has no parser of its own: its help is `qualiteacher train`'s."""
     def help_text(*args: str) -> str:
         proc = subprocess.run([sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True,
                               timeout=120, check=True)
         return proc.stdout
 
-    job = help_text("-m", "pipelines.train")
-    assert job.startswith("usage: qualiteacher train") and job == help_text("-m", "pipelines.cli", "train")
+    job = help_text("-m", "qualiteacher.pipelines.train")
+    assert job.startswith("usage: qualiteacher train") and job == help_text("-m", "qualiteacher.pipelines.cli", "train")
     assert all(option in job for option in ("--config", "--set", "--run-dir", "--weights-dir"))

@@ -328,11 +328,11 @@ def test_degrade_cli_writes_same_names_and_reports_bad_files(tmp_path):
     src = tmp_path / "in"
     written = write_samples(src, size=64)
     (src / "bad.png").write_text("not an image")
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "degrade", "--task", "rain", "--seed", "1",
+    out = subprocess.run([sys.executable, "-m", "qualiteacher.pipelines.cli", "degrade", "--task", "rain", "--seed", "1",
                           str(src), str(tmp_path / "out")], capture_output=True, text=True)
     assert out.returncode == 1 and "bad.png" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.stem + ".png" for p in written)
-    unknown = subprocess.run([sys.executable, "-m", "pipelines.cli", "degrade", "--task", "fog",
+    unknown = subprocess.run([sys.executable, "-m", "qualiteacher.pipelines.cli", "degrade", "--task", "fog",
                               str(src), str(tmp_path / "o2")], capture_output=True, text=True)
     assert unknown.returncode == 2 and "fog" in unknown.stderr
 

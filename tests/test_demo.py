@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from pipelines.demo import controllability_line
-from pipelines.train import headline_json, headline_line
+from qualiteacher.pipelines.demo import controllability_line
+from qualiteacher.pipelines.train import headline_json, headline_line
 from qualiteacher.imageio import write_png
 
 

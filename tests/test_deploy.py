@@ -12,7 +12,7 @@
   step's shell, and its entrypoint ``deploy/entrypoint.sh`` (run here). Building and running the
   image for real: ``tests/test_compose_cluster.py`` (``-m compose``).
 * ``ray start --head`` on loopback (own temp dir and ports, token auth) + ``ray job submit
-  --working-dir .`` of ``pipelines.train`` with the smoke config; then the monitor reads the bank
+  --working-dir .`` of ``qualiteacher.pipelines.train`` with the smoke config; then the monitor reads the bank
   that run left behind.
 """
 
@@ -54,9 +54,9 @@ def _dockerfile_args() -> dict[str, str]:
 
 
 def _train_args(argv: list[str]):
-    """The arguments after `python -m pipelines.train`, parsed as that module parses them: by
+    """The arguments after `python -m qualiteacher.pipelines.train`, parsed as that module parses them: by
     the `qualiteacher train` command (an option it lacks exits the parser)."""
-    from pipelines.cli import build_parser
+    from qualiteacher.pipelines.cli import build_parser
 
     return build_parser().parse_args(["train", *argv])
 
@@ -104,7 +104,7 @@ def test_compose_services_and_volumes():
     assert cmd[:5] == ["ray", "job", "submit", "--address", "http://ray-head:8265"]
     assert cmd[cmd.index("--working-dir") + 1] == "."
     after = cmd[cmd.index("--") + 1:]
-    assert after[:3] == ["python", "-m", "pipelines.train"] and "${QT_CONFIG:-configs/quickstart.yaml}" in after
+    assert after[:3] == ["python", "-m", "qualiteacher.pipelines.train"] and "${QT_CONFIG:-configs/quickstart.yaml}" in after
     assert _train_args(after[3:]).config == Path("${QT_CONFIG:-configs/quickstart.yaml}")
     assert submit["restart"] == "no" and submit["working_dir"] == "/src"
     assert (REPO / "configs" / "quickstart.yaml").is_file()
@@ -193,7 +193,7 @@ def test_compose_images_and_ports_are_overridable():
 def test_compose_weights_service_runs_the_download(tmp_path):
     """As Compose resolves it: the user's folder read-write at the download's weights folder, the
     mirror passed through, and a command line the CLI parses as `weights download`."""
-    from pipelines.cli import build_parser, cmd_weights_download
+    from qualiteacher.pipelines.cli import build_parser, cmd_weights_download
 
     folder = tmp_path / "w"
     env = dict(os.environ, QUALITEACHER_MONITOR_TOKEN="t0ken", QT_WEIGHTS_DIR=str(folder),
@@ -260,9 +260,9 @@ def test_rayjob_manifest():
     job = _one(docs, "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
-    # The entrypoint: `python -m pipelines.train --config FILE [--set K=V ...]`, and they load.
+    # The entrypoint: `python -m qualiteacher.pipelines.train --config FILE [--set K=V ...]`, and they load.
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "pipelines.train"]
+    assert argv[:3] == ["python", "-m", "qualiteacher.pipelines.train"]
     assert _train_args(argv[3:]).run_dir == Path("/runs/qualiteacher-train")
     config = argv[argv.index("--config") + 1]
     assert (REPO / config).is_file()
@@ -345,7 +345,7 @@ def test_rayjob_weights_download_is_off_until_the_configmap_says_so(tmp_path):
     """Each step's shell line, run with sh and a stand-in `qualiteacher` that records its
     arguments: nothing by default; `weights download [--metrics ...]` when switched on, and
     that command line is one the CLI parses."""
-    from pipelines.cli import build_parser, cmd_weights_download
+    from qualiteacher.pipelines.cli import build_parser, cmd_weights_download
 
     config, steps = _download_steps()
     assert config["data"] == {"QT_WEIGHTS_DOWNLOAD": "false", "QT_WEIGHTS_METRICS": "",
@@ -582,16 +582,16 @@ def ray_head(weights_dir) -> Iterator[tuple[str, dict]]:
 def test_ray_job_submit_trains_and_the_monitor_reads_its_bank(ray_head, tmp_path):
     from fastapi.testclient import TestClient
 
-    from services.bank.store import MemoryBank
-    from services.monitor import create_app
-    from services.redis_server import EmbeddedRedis, redis_client
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.monitor import create_app
+    from qualiteacher.services.redis_server import EmbeddedRedis, redis_client
 
     address, env = ray_head
     run_dir = (tmp_path / "run").resolve()
     t0 = time.monotonic()
     proc = subprocess.run(
         ["ray", "job", "submit", "--address", address, "--runtime-env", "deploy/runtime_env.yaml",
-         "--working-dir", ".", "--", "python", "-m", "pipelines.train", "--config", "configs/smoke.yaml",
+         "--working-dir", ".", "--", "python", "-m", "qualiteacher.pipelines.train", "--config", "configs/smoke.yaml",
          "--run-dir", str(run_dir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=540, check=False,
     )

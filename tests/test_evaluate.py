@@ -23,7 +23,7 @@ def test_evaluate_reports_psnr_ssim_and_bad_files(weights_dir, tmp_path):
         write_png(pred / name, (clean + rng.normal(0, noise, clean.shape)).clip(0, 255).astype(np.uint8)
                   if noise else clean)
     (pred / "broken.png").write_text("nope")
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--pred", str(pred),
+    out = subprocess.run([sys.executable, "-m", "qualiteacher.pipelines.cli", "evaluate", "--pred", str(pred),
                           "--gt", str(gt), "--metrics", "brisque,piqe", "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "broken.png" in out.stderr and "Traceback" not in out.stderr
@@ -56,7 +56,7 @@ def test_baseline_starts_from_a_conditioned_stage1_model(tmp_path):
 def test_preflight_rejects_images_smaller_than_a_metric_needs():
     import pytest
 
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
     from qualiteacher.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"labelling\.image_size=64.*niqe needs 96"):
@@ -66,7 +66,7 @@ def test_preflight_rejects_images_smaller_than_a_metric_needs():
 def test_preflight_rejects_crops_smaller_than_the_reward_needs():
     import pytest
 
-    from pipelines.train import preflight
+    from qualiteacher.pipelines.train import preflight
     from qualiteacher.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"loss\.consistency: .*at least 96 px"):  # Eq. 9: the config's own rule

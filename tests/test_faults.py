@@ -8,10 +8,10 @@ import ray
 from qualiteacher.config import load_config
 from qualiteacher.flat_weights import flatten
 from qualiteacher.models.build import build_model
-from services.bank.store import MemoryBank
-from services.labeller import Labeller
-from services.names import scorer_name, teacher_name
-from services.redis_server import redis_client
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.labeller import Labeller
+from qualiteacher.services.names import scorer_name, teacher_name
+from qualiteacher.services.redis_server import redis_client
 from tests.waiting import wait_until as _wait_until
 
 
@@ -107,7 +107,7 @@ def test_teacher_restarted_after_the_newest_weights_were_lost_copies_a_peer(ray_
 
 
 def test_scale_command_reaches_running_job(ray_cluster, weights_dir, redis_url):
-    from pipelines.cli import main
+    from qualiteacher.pipelines.cli import main
 
     _, _, labeller = _start("scale-cli", "scalecli", redis_url, scorers=1)
     assert ray.get(labeller.scorer_count.remote()) == 1
@@ -121,7 +121,7 @@ def test_scale_command_reaches_running_job(ray_cluster, weights_dir, redis_url):
 def test_labeller_is_placed_on_the_driver_node(ray_cluster):
     """The job's labeller is not restarted: it goes on the driver's node (the head under `ray job submit`),
     never on a worker whose loss the job must survive (deploy/compose_check.sh kills one mid-run)."""
-    from services.placement import on_driver_node
+    from qualiteacher.services.placement import on_driver_node
 
     strategy = on_driver_node()
     here = ray.get_runtime_context().get_node_id()

@@ -105,7 +105,7 @@ def test_reward_and_its_gradient_match_cpu(ensembles):
 
 
 def test_teacher_pseudo_labels_match_cpu():
-    from services.teacher import TeacherWorker
+    from qualiteacher.services.teacher import TeacherWorker
 
     cfg = load_config(REPO / "configs/quickstart.yaml")
     weights = flatten(_model(cfg).state_dict())
@@ -174,8 +174,8 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
 
 
 def test_scorer_worker_on_gpu_gates_the_same_entries(weights_dir, redis_server):
-    from services.bank.store import MemoryBank
-    from services.scorer import ScorerWorker
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.scorer import ScorerWorker
     from tests.redis_fixtures import unique_prefix
 
     photos = (_photos(6, 192).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -201,8 +201,8 @@ def test_scorer_worker_on_gpu_gates_the_same_entries(weights_dir, redis_server):
 
 
 def test_pretrain_and_restore_on_gpu(tmp_path):
-    from pipelines.pretrain import pretrain
-    from pipelines.restore import restore_folder
+    from qualiteacher.pipelines.pretrain import pretrain
+    from qualiteacher.pipelines.restore import restore_folder
     from qualiteacher.data.degradations import degrade
     from qualiteacher.imageio import read_image, write_png
 

@@ -29,7 +29,7 @@ def _close(value: float, expected: float) -> bool:
 
 def _score_cli(files: list[str]) -> list[dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "score", "--metrics", "brisque,niqe,piqe", "--json", *files],
+        [sys.executable, "-m", "qualiteacher.pipelines.cli", "score", "--metrics", "brisque,niqe,piqe", "--json", *files],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout)
@@ -65,7 +65,7 @@ def test_cli_score_reports_bad_file_and_scores_the_rest(weights_dir, calibration
     bad.write_text("not an image")
     good = calibration_dir / "I04.bmp"
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "score", "--metrics", "piqe", "--json", str(bad), str(good)],
+        [sys.executable, "-m", "qualiteacher.pipelines.cli", "score", "--metrics", "piqe", "--json", str(bad), str(good)],
         capture_output=True, text=True,
     )
     assert out.returncode == 1

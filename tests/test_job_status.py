@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.bank import build_entry
-from services.job_status import FIELD_NAMES, JobStatus, JobStatusHash
+from qualiteacher.services.bank import build_entry
+from qualiteacher.services.job_status import FIELD_NAMES, JobStatus, JobStatusHash
 
 # What `redis-cli HGETALL {prefix}:meta` shows after a job: a contract with the monitor's page,
 # the compose check and outside tools. Change it only together with them.
@@ -78,7 +78,7 @@ def test_unknown_fields_are_refused(bank):
 
 
 def test_the_driver_progress_line_reads_it(bank):
-    from pipelines.progress import progress_line
+    from qualiteacher.pipelines.progress import progress_line
 
     assert progress_line(bank) == (0, 0, "version 0  bank 0 img / 0 PLs  drop 0%  loss -")
     bank.status.set_teacher_version(4)

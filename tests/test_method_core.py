@@ -48,7 +48,7 @@ def test_multi_aug_pseudo_labels_map_back():
 
 
 def test_augmentation_names_come_from_one_place():
-    from services.bank.codec import build_entry
+    from qualiteacher.services.bank.codec import build_entry
 
     assert load_config(None, []).labelling.augmentations == list(augment.AUGMENTATIONS)
     every = ",".join(augment.KNOWN_AUGMENTATIONS)
@@ -64,7 +64,7 @@ def test_augmentation_names_come_from_one_place():
 
 def test_config_and_bank_import_without_torch():
     # The monitor and config tools read augmentation names without paying for torch.
-    code = "import sys, qualiteacher.config, services.monitor.app; print('torch' in sys.modules)"
+    code = "import sys, qualiteacher.config, qualiteacher.services.monitor.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"

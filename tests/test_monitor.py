@@ -27,12 +27,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from services.bank.codec import build_entry
-from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank
-from services.monitor import create_app
-from services.redis_server import EmbeddedRedis, free_port, redis_client
-from services.training_stream import TrainingStream
+from qualiteacher.services.bank.codec import build_entry
+from qualiteacher.services.bank.inputs import InputStore
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.monitor import create_app
+from qualiteacher.services.redis_server import EmbeddedRedis, free_port, redis_client
+from qualiteacher.services.training_stream import TrainingStream
 from tests.redis_fixtures import unique_prefix
 
 METRICS = ("brisque", "niqe", "piqe")
@@ -527,7 +527,7 @@ def test_503_while_redis_restarts_then_recovers(tmp_path):
 
 # ---------------------------------------------------------------------------- CLI
 def test_cli_monitor_refuses_public_bind_without_token(monkeypatch, capsys):
-    from pipelines import cli
+    from qualiteacher.pipelines import cli
 
     calls = []
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
@@ -563,9 +563,9 @@ def test_cli_monitor_refuses_public_bind_without_token(monkeypatch, capsys):
 def test_access_log_masks_tokens(monkeypatch):
     import logging
 
-    from pipelines import cli
-    from services.monitor.security import RedactTokens as _RedactTokens
-    from services.monitor.security import is_loopback
+    from qualiteacher.pipelines import cli
+    from qualiteacher.services.monitor.security import RedactTokens as _RedactTokens
+    from qualiteacher.services.monitor.security import is_loopback
 
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
     assert cli.main(["monitor", "--redis", "redis://127.0.0.1:1/0", "--token", "zz"]) == 0

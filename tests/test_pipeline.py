@@ -10,9 +10,9 @@ import ray
 
 from qualiteacher.config import load_config
 from qualiteacher.flat_weights import flatten
-from services.bank.codec import decode_image
-from services.bank.store import MemoryBank
-from services.redis_server import redis_client
+from qualiteacher.services.bank.codec import decode_image
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.redis_server import redis_client
 from tests.waiting import wait_until as _wait_until
 
 
@@ -22,7 +22,7 @@ def _cfg(namespace: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def smoke_run(ray_cluster, weights_dir, tmp_path_factory):
-    from pipelines.train import run
+    from qualiteacher.pipelines.train import run
 
     run_dir = tmp_path_factory.mktemp("smoke")
     summary = run(_cfg("smoke-a", *PROBES), run_dir)
@@ -61,7 +61,7 @@ def test_smoke_run_fills_bank_and_advances_teachers(smoke_run):
 
 
 def test_smoke_bank_is_ordered_and_consistent(smoke_run):
-    from services.redis_server import EmbeddedRedis
+    from qualiteacher.services.redis_server import EmbeddedRedis
 
     run_dir, summary = smoke_run
     with EmbeddedRedis(run_dir / "redis") as server:  # reopen the run's AOF
@@ -92,9 +92,9 @@ def test_smoke_run_training_log(smoke_run):
     from fastapi.testclient import TestClient
 
     from qualiteacher.imageio import decode_png
-    from services.monitor import create_app
-    from services.redis_server import EmbeddedRedis
-    from services.training_stream import TrainingStream
+    from qualiteacher.services.monitor import create_app
+    from qualiteacher.services.redis_server import EmbeddedRedis
+    from qualiteacher.services.training_stream import TrainingStream
 
     run_dir, summary = smoke_run
     acc = _events(run_dir / "tensorboard")
@@ -129,7 +129,7 @@ def test_smoke_run_training_log(smoke_run):
 
 
 def test_resume_continues_steps_and_versions(smoke_run):
-    from pipelines.train import run
+    from qualiteacher.pipelines.train import run
 
     run_dir, first = smoke_run
     summary = run(_cfg("smoke-b", "train.steps=12"), run_dir)
@@ -141,8 +141,8 @@ def test_resume_continues_steps_and_versions(smoke_run):
     assert summary["faults"]["student_restarts"] == 0  # a resumed job, not a restart
     # The training log goes on where it stopped: steps 1-12 once each, in TensorBoard and Redis.
     assert [e.step for e in _events(run_dir / "tensorboard").Scalars("loss/total")] == list(range(1, 13))
-    from services.redis_server import EmbeddedRedis
-    from services.training_stream import TrainingStream
+    from qualiteacher.services.redis_server import EmbeddedRedis
+    from qualiteacher.services.training_stream import TrainingStream
 
     with EmbeddedRedis(run_dir / "redis") as server:
         assert [p["step"] for p in TrainingStream(redis_client(server.url), "qt").points(1000)] == list(range(1, 13))
@@ -158,7 +158,7 @@ def _fake_sets(n_images: int, seed: int):
 
 
 def test_concurrent_scorers_match_serial_gating(ray_cluster, weights_dir, redis_url):
-    from services.scorer import ScorerWorker
+    from qualiteacher.services.scorer import ScorerWorker
 
     cfg = _cfg("gate-test", "drop.enabled=false").model_dump(mode="json")
     batches = [_fake_sets(4, seed) for seed in range(6)]
@@ -188,8 +188,8 @@ def test_scorer_stores_the_condition_ladder_of_each_sets_best_label(weights_dir,
     import torch
 
     from qualiteacher.iqa.ensemble import IQAEnsemble
-    from services.bank.inputs import InputStore
-    from services.scorer import ScorerWorker
+    from qualiteacher.services.bank.inputs import InputStore
+    from qualiteacher.services.scorer import ScorerWorker
 
     cfg = _cfg("ladder-test", "drop.enabled=false", "redis.prefix=ladder", "labelling.ladder=[0.0, 0.5]")
     rng = np.random.default_rng(5)
@@ -221,8 +221,8 @@ def test_scorer_stores_the_core_judges_verdict(weights_dir, redis_url):
 
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.method.judge import judge, ladder_levels, scored_rungs
-    from services.bank.inputs import InputStore
-    from services.scorer import ScorerWorker
+    from qualiteacher.services.bank.inputs import InputStore
+    from qualiteacher.services.scorer import ScorerWorker
 
     cfg = _cfg("judge-test", "redis.prefix=judge", "labelling.ladder=[0.0, 0.5]", "drop.tau_multi=1",
                "drop.tau_aug=1")
@@ -258,7 +258,7 @@ def test_scorer_stores_the_core_judges_verdict(weights_dir, redis_url):
 
 def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_url):
     from qualiteacher.models.build import build_model
-    from services.labeller import Labeller
+    from qualiteacher.services.labeller import Labeller
 
     cfg = _cfg("scale-test", "redis.prefix=scale", "drop.enabled=false", "labelling.teachers=1",
                "labelling.batch_size=2")
@@ -292,8 +292,8 @@ def test_labeller_relabels_only_after_a_push(ray_cluster, weights_dir, redis_url
     import time
 
     from qualiteacher.models.build import build_model
-    from services.labeller import Labeller
-    from services.scorer import label_id
+    from qualiteacher.services.labeller import Labeller
+    from qualiteacher.services.scorer import label_id
 
     cfg = _cfg("relabel-test", "redis.prefix=relabel", "drop.enabled=false", "labelling.teachers=1",
                "labelling.batch_size=2")
@@ -344,7 +344,7 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
 
     import psutil
 
-    from pipelines.train import run
+    from qualiteacher.pipelines.train import run
 
     killed: list[int] = []
     ckpt_root = tmp_path / "ray_train" / "student"
@@ -374,8 +374,8 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     assert summary["max_entries_per_image"] <= 3
     # The training log shows one pass: what the killed attempt logged after its checkpoint is
     # hidden in TensorBoard and left out by the monitor's reader.
-    from services.redis_server import EmbeddedRedis
-    from services.training_stream import TrainingStream
+    from qualiteacher.services.redis_server import EmbeddedRedis
+    from qualiteacher.services.training_stream import TrainingStream
 
     assert [e.step for e in _events(tmp_path / "tensorboard").Scalars("loss/total")] == list(range(1, 25))
     with EmbeddedRedis(tmp_path / "redis") as server:
@@ -387,7 +387,7 @@ def test_data_paths_are_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
     driver's: `qualiteacher demo` with its relative `runs/demo` failed in the student."""
     from pathlib import Path
 
-    from pipelines.train import prepare_data
+    from qualiteacher.pipelines.train import prepare_data
     from qualiteacher.run_dir import RunDir
 
     cfg = _cfg("paths")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import cli
+from qualiteacher.pipelines import cli
 from qualiteacher.imageio import write_png
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def _on_pty(args: list[str]) -> str:
     leader, follower = pty.openpty()
     # A terminal has a size; tqdm draws nothing in 0 columns.
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "qualiteacher.pipelines.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=follower, stdin=subprocess.DEVNULL)
     os.close(follower)
     shown = b""
@@ -71,7 +71,7 @@ def test_degrade_bar_on_a_pty_and_not_on_a_pipe(photos, tmp_path):
     args = ["degrade", "--task", "haze", str(photos)]
     shown = _on_pty([*args, str(tmp_path / "a")])
     assert "degrading" in shown and BAR in shown and "/3 [" in shown
-    piped = subprocess.run([sys.executable, "-m", "pipelines.cli", *args, str(tmp_path / "b")], cwd=REPO,
+    piped = subprocess.run([sys.executable, "-m", "qualiteacher.pipelines.cli", *args, str(tmp_path / "b")], cwd=REPO,
                            capture_output=True, text=True, timeout=120, check=True)
     assert piped.stderr == "" and "degraded 3 of 3 images" in piped.stdout
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["p0.png", "p1.png", "p2.png"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protos.generate import PROTO_DIR, PROTO_FILES, generate, generated_names
+from qualiteacher.protos.generate import PROTO_DIR, PROTO_FILES, generate, generated_names
 
 
 def test_generated_code_in_sync(tmp_path):
@@ -14,11 +14,11 @@ def test_generated_code_in_sync(tmp_path):
         for name in generated_names(proto):
             committed = (PROTO_DIR / name).read_bytes()
             fresh = (tmp_path / name).read_bytes()
-            assert fresh == committed, f"protos/{name} is stale: run `python -m protos.generate`"
+            assert fresh == committed, f"protos/{name} is stale: run `python -m qualiteacher.protos.generate`"
 
 
 def test_import_and_roundtrip():
-    from protos import bank_entry_pb2 as pb
+    from qualiteacher.protos import bank_entry_pb2 as pb
 
     e = pb.BankEntry(image_id="i", label_id="l", ensemble=0.1 + 0.2, teacher_version=2**40)
     e.raw_scores["musiq"] = 55.5

@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from qualiteacher.config import load_config
 from qualiteacher.flat_weights import flatten
 from qualiteacher.models.build import build_model
-from services.bank.store import MemoryBank
-from services.labeller import Labeller
-from services.monitor import create_app
-from services.redis_server import EmbeddedRedis, free_port, redis_client
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.labeller import Labeller
+from qualiteacher.services.monitor import create_app
+from qualiteacher.services.redis_server import EmbeddedRedis, free_port, redis_client
 from tests.waiting import wait_until as _wait_until
 
 N_IMAGES = 16  # one pass (one teacher version), long enough to be mid-run at the outage
@@ -44,7 +44,7 @@ def _start_labeller(namespace: str, redis_url: str):
 
 
 def test_redis_restart_mid_run_loses_nothing(ray_cluster, weights_dir, tmp_path, capsys):
-    from pipelines.cli import main
+    from qualiteacher.pipelines.cli import main
 
     server = EmbeddedRedis(tmp_path / "redis", port=free_port())
     server.start()

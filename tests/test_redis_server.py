@@ -9,7 +9,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.redis_server import EmbeddedRedis, redact_url, redis_client, resolve_redis
+from qualiteacher.services.redis_server import EmbeddedRedis, redact_url, redis_client, resolve_redis
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_embedded_with_password_and_env_url(tmp_path, monkeypatch, caplog):
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host=server.HOST, port=server.port, password="wrong", retry=Retry(NoBackoff(), 0)).ping()
         monkeypatch.setenv("REDIS_URL", server.url)
-        with caplog.at_level(logging.INFO, logger="services.redis_server"):
+        with caplog.at_level(logging.INFO, logger="qualiteacher.services.redis_server"):
             url, embedded = resolve_redis(None, tmp_path / "unused")
         assert (url, embedded) == (server.url, None)
         assert "pa:ss" not in caplog.text and "pa%3Ass" not in caplog.text

@@ -28,9 +28,9 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 
-from services.bank.store import MemoryBank
-from services.monitor import create_app
-from services.redis_server import EmbeddedRedis, free_port
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.monitor import create_app
+from qualiteacher.services.redis_server import EmbeddedRedis, free_port
 from tests.redis_fixtures import unique_prefix
 from tests.test_monitor import fill_bank, fill_training
 
@@ -260,8 +260,8 @@ def test_redis_password_never_logged_or_written(ray_cluster, weights_dir, tmp_pa
     """The smoke job against a Redis that needs a password, given in ``redis.url``."""
     import ray
 
-    from pipelines.train import run
-    from pipelines.cli import main
+    from qualiteacher.pipelines.train import run
+    from qualiteacher.pipelines.cli import main
     from qualiteacher.config import load_config
 
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), password=SECRET)

@@ -23,8 +23,8 @@ from qualiteacher.training_log import (
     score_histogram,
     step_scalars,
 )
-from services.bank.codec import build_entry
-from services.training_stream import TrainingStream, latest_attempt
+from qualiteacher.services.bank.codec import build_entry
+from qualiteacher.services.training_stream import TrainingStream, latest_attempt
 
 
 def _events(path):
@@ -225,7 +225,7 @@ def test_reset_and_probe_replacement(redis_server, bank):
 # ---------------------------------------------------------------------------- rank 0's writer
 def test_training_log_writes_tensorboard_and_stream(redis_server, bank, tmp_path):
     """What rank 0 does each step, without Ray: scalars in both sinks, probes after the due push."""
-    from services.training_log import TrainingLog
+    from qualiteacher.services.training_log import TrainingLog
 
     unpaired = tmp_path / "unpaired"
     rng = np.random.default_rng(3)
@@ -261,9 +261,9 @@ def test_training_log_writes_tensorboard_and_stream(redis_server, bank, tmp_path
 
 def test_training_log_survives_redis_outage(tmp_path, caplog):
     """With Redis away, TensorBoard still gets every step and training is not stopped."""
-    from services.bank.store import MemoryBank
-    from services.redis_server import free_port, redis_client
-    from services.training_log import TrainingLog
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.redis_server import free_port, redis_client
+    from qualiteacher.services.training_log import TrainingLog
 
     client = redis_client(f"redis://127.0.0.1:{free_port()}/0", retries=0, connect_timeout_s=0.2)
     dead = MemoryBank(client, "qt")
@@ -279,7 +279,7 @@ def test_training_log_survives_redis_outage(tmp_path, caplog):
 def test_resumed_worker_replaces_what_it_logs_again(bank, tmp_path):
     """A worker that died after step 4 and resumed from its checkpoint at step 2: TensorBoard
     and the monitor's points show steps 1-5 once each, 3 and 4 from the second attempt."""
-    from services.training_log import TrainingLog
+    from qualiteacher.services.training_log import TrainingLog
 
     cfg = load_config("configs/smoke.yaml", [f"redis.prefix={bank.prefix}"])
     model = _tiny_model()

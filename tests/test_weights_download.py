@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from qualiteacher.pipelines.cli import main
 from qualiteacher.iqa.download import (
     MIRROR_ENV,
     DownloadError,

@@ -1,10 +1,11 @@
 """Redis memory bank of pseudo-labels (protobuf records, atomic Lua gate).
 
-See :mod:`services.bank.keys` for the key layout, :mod:`services.bank.store` for the API,
-:mod:`services.bank.codec` for the records and :mod:`services.bank.check` for the consistency check.
+See :mod:`qualiteacher.services.bank.keys` for the key layout,
+:mod:`qualiteacher.services.bank.store` for the API, :mod:`qualiteacher.services.bank.codec` for
+the records and :mod:`qualiteacher.services.bank.check` for the consistency check.
 """
 
-from services.bank.codec import (
+from qualiteacher.services.bank.codec import (
     BankEntry,
     build_entry,
     decode_image,
@@ -12,8 +13,8 @@ from services.bank.codec import (
     encode_image,
     encode_weights,
 )
-from services.bank.keys import ID_PATTERN, BankKeys, validate_id
-from services.bank.store import GateOutcome, MemoryBank
+from qualiteacher.services.bank.keys import ID_PATTERN, BankKeys, validate_id
+from qualiteacher.services.bank.store import GateOutcome, MemoryBank
 
 __all__ = [
     "ID_PATTERN",

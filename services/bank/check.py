@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 import redis
 
-from protos import bank_entry_pb2 as pb
-from services.bank.keys import HIST_BINS, BankKeys, hist_bin
-from services.bank.keys import as_str as _s
+from qualiteacher.protos import bank_entry_pb2 as pb
+from qualiteacher.services.bank.keys import HIST_BINS, BankKeys, hist_bin
+from qualiteacher.services.bank.keys import as_str as _s
 
 
 def _scan(client: redis.Redis, pattern: str) -> Iterable[str]:

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from protos import bank_entry_pb2 as pb
+from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.method.augment import KNOWN_AUGMENTATIONS
-from services.bank.keys import validate_id
+from qualiteacher.services.bank.keys import validate_id
 
 BankEntry = pb.BankEntry
 

@@ -12,7 +12,7 @@ import numpy as np
 import redis
 
 from qualiteacher.imageio import decode_png, encode_png
-from services.bank.keys import validate_id, validate_prefix
+from qualiteacher.services.bank.keys import validate_id, validate_prefix
 
 
 class InputStore:

@@ -23,7 +23,7 @@ key                                    type     contents
 ``P:meta``                             hash     the job's status: top_k (the gate's),
                                                 teacher_version, scorer_count, the student's
                                                 progress and starts; fields and every read
-                                                and write in ``services.job_status``
+                                                and write in ``qualiteacher.services.job_status``
 ``P:events``                           stream   one event per gate call (capped, MAXLEN ~)
 ``P:train``                            stream   the student's training log, one entry per logged
                                                 step: ``step`` and a float per tag of

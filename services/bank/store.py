@@ -2,7 +2,7 @@
 
 Everything stored is protobuf (``protos/bank_entry.proto``): ``BankEntry`` bytes in, the
 same bytes out; nothing is ever unpickled. The key layout is documented in
-:mod:`services.bank.keys`.
+:mod:`qualiteacher.services.bank.keys`.
 
 Gating rule: exactly ``qualiteacher.method.gating.gate`` with its ``seen`` set (top-k by
 ensemble desc, ties by label id asc, first occurrence of a label id wins, and a label id
@@ -13,7 +13,7 @@ no-ops and an evicted PL never comes back.
 Reads (``entries``, ``sample_sets``, ``list_images``, ``max_entries_per_image``) are small
 Lua scripts too (``entries.lua``, ``sample_sets.lua``, ``list.lua``, ``most.lua``), so each
 one sees one consistent state of the bank. The records themselves are built and decoded in
-:mod:`services.bank.codec`; the consistency check is :mod:`services.bank.check`.
+:mod:`qualiteacher.services.bank.codec`; the consistency check is :mod:`qualiteacher.services.bank.check`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any, Protocol
 
 import redis
 
-from protos import bank_entry_pb2 as pb
-from services.bank.check import check_invariants
-from services.bank.keys import HIST_BINS, BankKeys, validate_id
-from services.bank.keys import as_str as _s
-from services.job_status import JobStatus, JobStatusHash
+from qualiteacher.protos import bank_entry_pb2 as pb
+from qualiteacher.services.bank.check import check_invariants
+from qualiteacher.services.bank.keys import HIST_BINS, BankKeys, validate_id
+from qualiteacher.services.bank.keys import as_str as _s
+from qualiteacher.services.job_status import JobStatus, JobStatusHash
 
 SORTS = ("score", "id", "recent")
 DEFAULT_EVENTS_MAXLEN = 10_000
@@ -56,7 +56,7 @@ class _Uniform(Protocol):
 
 
 def _load_lua(name: str) -> str:
-    return resources.files("services.bank").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("qualiteacher.services.bank").joinpath(name).read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- the bank
@@ -64,7 +64,7 @@ class MemoryBank:
     """Per-image top-k pseudo-label bank in Redis under the key prefix ``prefix``.
 
     ``client`` must return bytes (``decode_responses=False``), e.g.
-    ``services.redis_server.redis_client(url)``. All processes sharing a prefix must use
+    ``qualiteacher.services.redis_server.redis_client(url)``. All processes sharing a prefix must use
     the same ``top_k``; the gate refuses a different one.
     """
 

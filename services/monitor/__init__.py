@@ -2,9 +2,9 @@
 
     qualiteacher monitor --redis redis://127.0.0.1:6379/0          # http://127.0.0.1:8000/
 
-:func:`create_app` builds the app; see :mod:`services.monitor.app` for the endpoints.
+:func:`create_app` builds the app; see :mod:`qualiteacher.services.monitor.app` for the endpoints.
 """
 
-from services.monitor.app import create_app, is_loopback, serve
+from qualiteacher.services.monitor.app import create_app, is_loopback, serve
 
 __all__ = ["create_app", "is_loopback", "serve"]

@@ -1,7 +1,7 @@
 """The bank monitor: a read-only FastAPI app over the Redis memory bank; this module builds
 it from its parts and serves it.
 
-Endpoints (all GET; JSON ones have pydantic models in :mod:`services.monitor.models`, the
+Endpoints (all GET; JSON ones have pydantic models in :mod:`qualiteacher.services.monitor.models`, the
 schema is at ``/openapi.json``):
 
 ==============================================  ================================================
@@ -26,11 +26,11 @@ Behaviour:
   timeout becomes ``503 {"error": "redis_unavailable", ...}`` with ``Retry-After``, never
   a traceback. ``/metrics`` still answers 200 then, with ``qualiteacher_redis_up 0``, as
   Prometheus expects of an exporter whose target is down.
-* **Ids.** Image ids must pass :func:`services.bank.keys.validate_id` (else 422), so they
+* **Ids.** Image ids must pass :func:`qualiteacher.services.bank.keys.validate_id` (else 422), so they
   can name no other key; probe names must match ``PROBE_NAME``; ranks and sizes are bounded
   integers; PNGs come from Redis, never from a file path.
 * **Training.** The student's rank 0 writes the training log to Redis
-  (:mod:`services.training_stream`); the monitor only reads it, so the panel shows the same
+  (:mod:`qualiteacher.services.training_stream`); the monitor only reads it, so the panel shows the same
   after a monitor restart, and after the job has ended.
 * **Token.** With ``token`` set, every request (the page, its assets and ``/openapi.json``
   included) needs ``Authorization: Bearer <token>`` or ``?token=<token>`` (compared with
@@ -45,22 +45,22 @@ import logging
 import redis
 from fastapi import FastAPI
 
-from services.bank.keys import validate_prefix
-from services.monitor.bank_routes import bank_router
-from services.monitor.errors import add_error_handlers
-from services.monitor.health import health_router
-from services.monitor.metrics import metrics_router
-from services.monitor.page import add_page
-from services.monitor.security import (
+from qualiteacher.services.bank.keys import validate_prefix
+from qualiteacher.services.monitor.bank_routes import bank_router
+from qualiteacher.services.monitor.errors import add_error_handlers
+from qualiteacher.services.monitor.health import health_router
+from qualiteacher.services.monitor.metrics import metrics_router
+from qualiteacher.services.monitor.page import add_page
+from qualiteacher.services.monitor.security import (
     TOKEN_ENV,
     GuardMiddleware,
     RedactTokens,
     check_bind,
     is_loopback,
 )
-from services.monitor.sources import open_sources
-from services.monitor.training_routes import training_router
-from services.redis_server import redact_url
+from qualiteacher.services.monitor.sources import open_sources
+from qualiteacher.services.monitor.training_routes import training_router
+from qualiteacher.services.redis_server import redact_url
 
 __all__ = ["TOKEN_ENV", "create_app", "is_loopback", "serve"]
 

@@ -9,17 +9,17 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from protos import bank_entry_pb2 as pb
-from services.bank.keys import ID_PATTERN, validate_id
-from services.job_status import JobStatus
-from services.monitor.errors import (
+from qualiteacher.protos import bank_entry_pb2 as pb
+from qualiteacher.services.bank.keys import ID_PATTERN, validate_id
+from qualiteacher.services.job_status import JobStatus
+from qualiteacher.services.monitor.errors import (
     ERROR_RESPONSES,
     ID_RESPONSES,
     PNG_RESPONSES,
     ApiError,
 )
-from services.monitor.images import entry_as_png, not_modified, png_bytes, png_response
-from services.monitor.models import (
+from qualiteacher.services.monitor.images import entry_as_png, not_modified, png_bytes, png_response
+from qualiteacher.services.monitor.models import (
     BankStats,
     EntryInfo,
     Histogram,
@@ -28,7 +28,7 @@ from services.monitor.models import (
     ImageSummary,
     WeightMap,
 )
-from services.monitor.sources import Sources
+from qualiteacher.services.monitor.sources import Sources
 
 MAX_PAGE = 200
 MAX_THUMB = 512

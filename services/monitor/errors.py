@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.monitor.models import ErrorResponse
+from qualiteacher.services.monitor.models import ErrorResponse
 
 log = logging.getLogger(__name__)
 

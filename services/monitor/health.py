@@ -6,9 +6,9 @@ import time
 
 from fastapi import APIRouter
 
-from services.monitor.errors import ERROR_RESPONSES
-from services.monitor.models import Health
-from services.monitor.sources import Sources
+from qualiteacher.services.monitor.errors import ERROR_RESPONSES
+from qualiteacher.services.monitor.models import Health
+from qualiteacher.services.monitor.sources import Sources
 
 
 def health_router(src: Sources) -> APIRouter:

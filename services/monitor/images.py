@@ -6,8 +6,8 @@ import io
 
 from fastapi.responses import Response
 
-from protos import bank_entry_pb2 as pb
-from services.bank.codec import decode_image
+from qualiteacher.protos import bank_entry_pb2 as pb
+from qualiteacher.services.bank.codec import decode_image
 
 
 def png_bytes(data: bytes, size: int | None) -> bytes:

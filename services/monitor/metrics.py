@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from services.bank.store import COUNTER_NAMES
-from services.monitor.errors import REDIS_ERRORS
-from services.monitor.sources import Sources
+from qualiteacher.services.bank.store import COUNTER_NAMES
+from qualiteacher.services.monitor.errors import REDIS_ERRORS
+from qualiteacher.services.monitor.sources import Sources
 
 
 def _label_value(value: str) -> str:

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-STATIC = resources.files("services.monitor").joinpath("static")
+STATIC = resources.files("qualiteacher.services.monitor").joinpath("static")
 
 
 def add_page(app: FastAPI, token: str | None) -> None:

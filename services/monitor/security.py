@@ -11,7 +11,7 @@ import re
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.monitor.errors import error_response
+from qualiteacher.services.monitor.errors import error_response
 
 TOKEN_ENV = "QUALITEACHER_MONITOR_TOKEN"
 

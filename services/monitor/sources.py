@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import redis
 
-from services.bank.inputs import InputStore
-from services.bank.store import MemoryBank
-from services.redis_server import redact_url, redis_client
-from services.training_stream import TrainingStream
+from qualiteacher.services.bank.inputs import InputStore
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.redis_server import redact_url, redis_client
+from qualiteacher.services.training_stream import TrainingStream
 
 
 @dataclass(frozen=True)

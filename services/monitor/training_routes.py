@@ -1,5 +1,5 @@
 """The training panel's routes: the student's training log and its probe images, read from
-Redis (`services.training_stream`), never written."""
+Redis (`qualiteacher.services.training_stream`), never written."""
 
 from __future__ import annotations
 
@@ -11,21 +11,21 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from qualiteacher.training_log import PROBE_NAME, probe_name
-from services.monitor.errors import (
+from qualiteacher.services.monitor.errors import (
     ERROR_RESPONSES,
     ID_RESPONSES,
     PNG_RESPONSES,
     ApiError,
 )
-from services.monitor.images import not_modified, png_response
-from services.monitor.models import (
+from qualiteacher.services.monitor.images import not_modified, png_response
+from qualiteacher.services.monitor.models import (
     ErrorResponse,
     ProbeImage,
     ProbeInfo,
     TrainingHistory,
     TrainingPoint,
 )
-from services.monitor.sources import Sources
+from qualiteacher.services.monitor.sources import Sources
 
 log = logging.getLogger(__name__)
 
