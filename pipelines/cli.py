@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--score", type=float, default=7.0, help="quality condition, 0-10 (default 7)")
     restore.add_argument("--weights", choices=("student", "teacher"), default="student",
                          help="from a training state: the student's weights, or its EMA teacher's, which "
-                         "can generalise better (benchmarks/QUALITY.md, oracle factorial)")
+                         "can generalise better (experiments/QUALITY.md, oracle factorial)")
     restore.add_argument("--tile", type=int, default=1024,
                          help="restore images larger than this in overlapping tiles of this size, which "
                               "bounds memory (default 1024; 0 = never tile)")

@@ -226,7 +226,7 @@ class PreferenceConfig(Strict):
     # image's best bank PL. A trust region for the reward: the output that Eq. 8 lifts has
     # to stay near real restored content, so a texture that only a metric likes costs
     # pixel error. Why: with hand-crafted offline metrics the reward is easy to game
-    # (benchmarks/QUALITY.md); L3 only holds the injection layers, not the decoder.
+    # (experiments/QUALITY.md); L3 only holds the injection layers, not the decoder.
     weight_fidelity: float = Field(0.0, ge=0)
     warmup_steps: int = Field(2000, ge=0)
 
@@ -243,7 +243,7 @@ class LossConfig(Strict):
     # The score condition of the supervised L1 on paired synthetic data. "cap": every pair at
     # the top score (7), where inference runs. "target_score": each pair at its target's own
     # ensemble score on the run's scale (merged at the cap), like a pseudo-label: then score 7
-    # is not held mostly by the synthetic domain (benchmarks/QUALITY.md, ablation row (b)).
+    # is not held mostly by the synthetic domain (experiments/QUALITY.md, ablation row (b)).
     supervised_condition: Literal["cap", "target_score"] = "cap"
     perceptual_weight: float = Field(0.0, ge=0)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)

@@ -1,6 +1,6 @@
 """One student step's losses (Eqs. 3-9) on a paired batch and a bank batch; no Ray needed.
 
-`qualiteacher.services.student` runs this inside the Ray Train worker, `benchmarks/reference_loop.py` in
+`qualiteacher.services.student` runs this inside the Ray Train worker, `experiments/reference_loop.py` in
 one process; the tests and the GPU checks run it directly. What a run's steps share (reward,
 random generators, device, L3's anchor, perceptual loss) is one `StepContext`; the step number
 is the one argument that changes. A bank sample is an image with all its PLs on one crop; one

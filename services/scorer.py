@@ -4,7 +4,7 @@ It decodes the uint8 labels, asks the core for the verdict (`qualiteacher.method
 levels, dual drop, best label, block weights, q_min, and the condition ladder's levels of
 the rungs it builds from the inputs it reads from Redis), builds the bank entries and sends
 each kept set through the Lua gate. It decides nothing itself: the in-process reference
-loop (`benchmarks/reference_loop.py`) judges with the same functions.
+loop (`experiments/reference_loop.py`) judges with the same functions.
 
 Scorers are stateless apart from their loaded metrics, so the pool can grow or shrink at
 any time and a failed call can be retried on another scorer (gating is idempotent).

@@ -42,7 +42,7 @@ def site(tmp_path_factory) -> Path:
 
 
 def _lint(site: Path, cwd: Path) -> subprocess.CompletedProcess:
-    # the install first on the path, then the checkout for `benchmarks`; cwd outside the checkout
+    # the install first on the path, then the checkout for `benchmarks` and `experiments`; cwd outside the checkout
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     return subprocess.run([sys.executable, "-c", LINT, str(site), str(REPO / "pyproject.toml")], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import metric_audit as audit
+from experiments import metric_audit as audit
 from benchmarks.common import parse_result
 
 

@@ -1,4 +1,4 @@
-"""The oracle scorer and the factorial's reference loop (benchmarks/oracle*.py, reference_loop.py)."""
+"""The oracle scorer and the factorial's reference loop (experiments/oracle*.py, reference_loop.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.oracle_scorer import OracleReward, OracleScale, OracleScorer, psnr
+from experiments.oracle_scorer import OracleReward, OracleScale, OracleScorer, psnr
 
 
 def _pair(noise: float, seed: int = 0, size: int = 32):
@@ -61,7 +61,7 @@ def test_factorial_fast_runs_and_reports(tmp_path, capsys, weights_dir):
     """`--fast` on one task and two cells: the report and JSON hold every cell and the
     teacher, Spearman values are numbers in [-1, 1] or NaN (a flat sweep), and the labels
     in the bank have levels on the 0-10 scale."""
-    from benchmarks import oracle
+    from experiments import oracle
     from benchmarks.common import parse_result
 
     results = oracle.main(["--fast", "--tasks", "haze", "--cells", "oracle:off,nr:nr", "--ladder", "0,0.5",

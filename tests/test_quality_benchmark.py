@@ -15,7 +15,7 @@ from benchmarks.common import parse_result
 
 
 def test_quality_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
-    from benchmarks import quality
+    from experiments import quality
 
     out = tmp_path / "report"
     # Calibrated scores, as in the real budget (the smoke config does not calibrate).
@@ -60,7 +60,7 @@ def test_quality_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
 
 
 def test_quality_rejects_unknown_task():
-    from benchmarks import quality
+    from experiments import quality
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--tasks", "fog"])
@@ -68,7 +68,7 @@ def test_quality_rejects_unknown_task():
 
 def test_ablation_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
     """Rows (a) and (b): the unconditioned and the conditioned start, the sweep, the margins."""
-    from benchmarks import ablation
+    from experiments import ablation
 
     out = tmp_path / "ablation"
     results = ablation.main(["--fast", "--tasks", "haze", "--rows", "b,a", "--out", str(out)])
@@ -100,7 +100,7 @@ def _at_cap(psnr: float, nr: list[float]) -> dict:
 
 
 def test_ablation_marks_a_part_helping_only_next_to_the_row_it_adds_to():
-    from benchmarks.ablation import mark_helping
+    from experiments.ablation import mark_helping
 
     teacher = _at_cap(17.0, [8.0, 8.0])
     rows = {"a": {"at_cap": _at_cap(17.5, [8.0, 8.0])},
@@ -116,14 +116,14 @@ def test_ablation_marks_a_part_helping_only_next_to_the_row_it_adds_to():
 
 
 def test_ablation_rejects_unknown_row():
-    from benchmarks import ablation
+    from experiments import ablation
 
     with pytest.raises(SystemExit):
         ablation.parse_args(["--rows", "a,f"])
 
 
 def test_ablation_row_is_the_mean_of_its_runs():
-    from benchmarks.ablation import mean_of_runs
+    from experiments.ablation import mean_of_runs
 
     def run(psnr: float, nr: list[float], rho: float) -> dict:
         at_cap = _at_cap(psnr, nr) | {"ssim": 0.5, "nr_failed": 0, "count": len(nr)}

@@ -8,7 +8,7 @@ set's poorest label (q_min). `ladder_levels` scores the condition ladder's rungs
 (`qualiteacher.method.ladder`) of the best labels.
 
 Two users, one rule: the scorer actor (`services/scorer.py`) decodes bytes, calls these
-and stores what they decide; the in-process reference loop (`benchmarks/reference_loop.py`)
+and stores what they decide; the in-process reference loop (`experiments/reference_loop.py`)
 calls the same functions. Neither needs Ray nor Redis here.
 
 Calls are batched as the scorer has always made them: one score call for all N*K labels,

@@ -6,7 +6,7 @@ own level beside the bank's labels. Why: the score condition has to learn that a
 score means a better restoration *of the same image*, yet the three labels of one image
 differ by less than one level, while levels differ across images mostly by how degraded
 the image is (a lightly hazed photo gets a high level for a light restoration). Measured
-with oracle levels (benchmarks/QUALITY.md, oracle factorial): without rungs the condition
+with oracle levels (experiments/QUALITY.md, oracle factorial): without rungs the condition
 learns the confound and Spearman(condition, PSNR) is negative; with them it follows quality.
 
 One rule, three users: the scorer scores the rungs of each kept set's best label

@@ -1,10 +1,10 @@
 """The paper's ablation (its Table 3): rows (a) to (e), each adding one part of the method.
 
-    python -m benchmarks.ablation --tasks haze [--rows a,b,c,d,e] [--repeats 3] [--out runs/ablation] \
+    python -m experiments.ablation --tasks haze [--rows a,b,c,d,e] [--repeats 3] [--out runs/ablation] \
         [--budget configs/quality_budget.yaml] [--set train.steps=400 ...] [--fast]
 
 The rows switch the four parts that `configs/*.yaml` can turn off, one at a time and in
-this order (row (e) is the full method, the `qualiteacher` run of `benchmarks.quality`):
+this order (row (e) is the full method, the `qualiteacher` run of `experiments.quality`):
 
     (a) pseudo-labels only: multi-aug PLs, top-3 bank, block weights; no score condition
     (b) + score condition (Eqs. 5-7; restored at score 7)
@@ -12,7 +12,7 @@ this order (row (e) is the full method, the `qualiteacher` run of `benchmarks.qu
     (d) + cropped consistency (Eq. 9)
     (e) + dual drop: QualiTeacher
 
-Per task everything else is what `benchmarks.quality` does: the same sets, one stage-1
+Per task everything else is what `experiments.quality` does: the same sets, one stage-1
 model (row (a) starts from the unconditioned file, rows (b)-(e) from the same weights with
 zero-initialised injection layers), the same budget and seed, each row in its own run
 folder, Ray namespace and embedded Redis. Each row is evaluated on the held-out test set
@@ -26,7 +26,7 @@ A part "helps" when adding it raised both PSNR and the NR ensemble over the row 
     RESULT ablation_parts_helping <n> parts target <4 x tasks>
 
 Runs of the same config vary (the labeller and the student run concurrently, so the bank's
-content depends on timing; `benchmarks/QUALITY.md` measured up to 0.6 in NR between two
+content depends on timing; `experiments/QUALITY.md` measured up to 0.6 in NR between two
 runs of one config): ``--repeats N`` trains every row N times (student seeds seed, seed+1,
 ...) and reports the means with the range over the runs, so a difference between rows can
 be read against that noise. ``--fast`` only shows that the script works: its numbers mean
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import quality
+from experiments import quality
 from benchmarks.common import emit_result, machine_line, print_table, ray_session
 
 
@@ -71,7 +71,7 @@ FAST_SWEEP = (0.0, 7.0)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__.splitlines()[0])
     quality.add_run_arguments(parser, out=Path("runs/ablation"))
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated rows to run, of {', '.join(ROWS)} (default all)")
@@ -290,7 +290,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     compared = [row for res in tasks.values() for row in res["rows"].values() if "helps" in row]
     results = {
         "version": 1, "fast": args.fast,
-        "command": "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget": quality.budget_info(args), "rows": {k: {"name": r.name, "overrides": list(r.overrides)}
                                                       for k, r in ROWS.items() if k in args.row_list},
         "tasks": tasks, "parts_helping": sum(row["helps"] for row in compared), "parts_compared": len(compared),

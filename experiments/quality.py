@@ -1,6 +1,6 @@
 """Restoration quality: QualiTeacher against its stage-1 teacher and the Colabator-style baseline.
 
-    python -m benchmarks.quality --tasks haze [--budget configs/quality_budget.yaml] \
+    python -m experiments.quality --tasks haze [--budget configs/quality_budget.yaml] \
         [--out runs/quality] [--set train.steps=400 ...] [--fast]
 
 For each task (snow, rain, haze, lowlight, underwater; ``--tasks all`` for the five):
@@ -87,12 +87,12 @@ RESULT_KEYS = ("version", "fast", "command", "budget", "tasks", "tasks_run", "ta
                "target_status", "machine", "elapsed_s")
 TASK_KEYS = ("methods", "ground_truth", "sweep", "spearman", "comparisons", "won", "runs", "timings_s")
 
-log = logging.getLogger("benchmarks.quality")
+log = logging.getLogger("experiments.quality")
 
 
 # ---------------------------------------------------------------------------- arguments
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.quality", description=__doc__.splitlines()[0])
     add_run_arguments(parser, out=Path("runs/quality"))
     parser.add_argument("--grid-images", type=int, default=None, help="test images in the before/after grid (2; fast 1)")
     parser.add_argument("--evaluate-only", action="store_true",
@@ -104,7 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
-    """The arguments this benchmark shares with `benchmarks.ablation`: tasks, budget, sets, sweep."""
+    """The arguments this benchmark shares with `experiments.ablation`: tasks, budget, sets, sweep."""
     parser.add_argument("--tasks", default="haze",
                         help=f"comma-separated tasks, or 'all' ({', '.join(TASKS)}); default haze")
     parser.add_argument("--budget", type=Path, default=None,
@@ -723,7 +723,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     status = target_status(tasks)
     results = {
         "version": 1, "fast": args.fast,
-        "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget": budget, "tasks": tasks, "tasks_run": list(tasks), "tasks_won": status["tasks_won"]["value"],
         "targets": {"tasks_won": TARGET_TASKS_WON, "of_tasks": len(TASKS), "spearman": TARGET_SPEARMAN},
         "target_status": status, "machine": machine,

@@ -1,6 +1,6 @@
 """Metric audit (issue 15): can each NR metric, and the ensemble, rank restorations of these images?
 
-    python -m benchmarks.metric_audit [--tasks all] [--metrics brisque,niqe,piqe] [--pretrain-steps 300] \
+    python -m experiments.metric_audit [--tasks all] [--metrics brisque,niqe,piqe] [--pretrain-steps 300] \
         [--n-test 3] [--crops-per-image 8] [--out runs/metric_audit] [--fast]
 
 No student is trained. Per task (snow, rain, haze, lowlight, underwater) the sets are made
@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import emit_result, machine_line, print_table, repo_root
-from benchmarks.quality import TASKS, fmt, script_logging, spearman, with_threads
+from experiments.quality import TASKS, fmt, script_logging, spearman, with_threads
 from qualiteacher.method.augment import AUGMENTATIONS  # the teacher's PL set, as in training
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # ladder blends (1 - a) * input + a * clean
@@ -62,12 +62,12 @@ PL_RHO, PL_AGREE = 0.5, 0.6  # "ranks PLs": mean per-image rho and best-PL agree
 DEFAULT_BUDGET = Path("configs/quality_budget.yaml")
 FAST_BUDGET = Path("configs/smoke.yaml")
 
-log = logging.getLogger("benchmarks.metric_audit")
+log = logging.getLogger("experiments.metric_audit")
 
 
 # ---------------------------------------------------------------------------- arguments
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.metric_audit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.metric_audit", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=None, help=f"comma-separated tasks or 'all' ({', '.join(TASKS)}); "
                                                       "default all (fast: haze)")
     parser.add_argument("--metrics", default="brisque,niqe,piqe",
@@ -107,7 +107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def task_config(args: argparse.Namespace, task: str):
     """The budget for one task's stage-1 teacher: an unconditioned backbone, as in
-    `benchmarks.quality` (the score condition plays no part in the audit)."""
+    `experiments.quality` (the score condition plays no part in the audit)."""
     from qualiteacher.config import load_config
 
     overrides = [f"data.task={task}", "model.score_condition=false", *args.overrides]
@@ -728,7 +728,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     summary = summarise(tasks, entries)
     results = {
         "version": 1, "fast": args.fast,
-        "command": "python -m benchmarks.metric_audit " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.metric_audit " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
         "setup": {"budget": display_path(args.budget_path), "pretrain_steps": cfg.pretrain.steps,
                   "n_test": args.n_test, "crops": args.crops, "test_images": args.n_test * args.crops,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmarks.oracle_scorer import METRIC, OracleReward, OracleScale, OracleScorer, level_of, psnr
+from experiments.oracle_scorer import METRIC, OracleReward, OracleScale, OracleScorer, level_of, psnr
 from qualiteacher.config import Config
 from qualiteacher.data.paired import PairedImages
 from qualiteacher.method.augment import multi_aug_pseudo_labels
@@ -69,7 +69,7 @@ class NRJudge:
 
 
 class OracleJudge:
-    """The oracle (`benchmarks.oracle_scorer`) in the NR ensemble's place: its levels and
+    """The oracle (`experiments.oracle_scorer`) in the NR ensemble's place: its levels and
     block weights, the same drop and best-label rule (`qualiteacher.method.judge.decide`)."""
 
     def __init__(self, scorer: OracleScorer, cfg: Config):

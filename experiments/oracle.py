@@ -1,12 +1,12 @@
 """The oracle factorial (issue 15): is it the framework or the NR metrics that fails?
 
-    python -m benchmarks.oracle --tasks haze --seeds 3 [--cells all] [--ladder 0,0.5] [--fast]
+    python -m experiments.oracle --tasks haze --seeds 3 [--cells all] [--ladder 0,0.5] [--fast]
 
 Crosses where the labels' levels, drops and gating come from, {nr, oracle}, with the reward
 of Eqs. 8-9, {off, nr, oracle}; each cell is a student run of the in-process reference loop
-(`benchmarks.reference_loop`: the method's core pieces in turn, no Ray or Redis) from the same
+(`experiments.reference_loop`: the method's core pieces in turn, no Ray or Redis) from the same
 stage-1 teacher, on the same sets and budget, one run per seed. The oracle is PSNR against
-hidden ground truth (`benchmarks.oracle_scorer`). Per cell it reports, on a held-out test set
+hidden ground truth (`experiments.oracle_scorer`). Per cell it reports, on a held-out test set
 of the "real" domain (ground truth hidden from training):
 
 - QualiTeacher at score 7 against the stage-1 teacher and the Colabator-style baseline
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import emit_result, machine_line, print_table
-from benchmarks.oracle_scorer import OracleReward, OracleScorer
-from benchmarks.quality import TASKS, fmt, spearman, stage1_models, with_threads
-from benchmarks.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
+from experiments.oracle_scorer import OracleReward, OracleScorer
+from experiments.quality import TASKS, fmt, spearman, stage1_models, with_threads
+from experiments.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
 
 LEVELS = ("nr", "oracle")
 REWARDS = ("off", "nr", "oracle")
@@ -44,7 +44,7 @@ TARGET_SPEARMAN = 0.9
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.oracle", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.oracle", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="haze", help=f"comma-separated, or 'all' ({', '.join(TASKS)})")
     parser.add_argument("--cells", default="all",
                         help="comma-separated level:reward cells (e.g. oracle:off,nr:nr), or 'all' (the six)")
@@ -242,7 +242,7 @@ def evaluate(task: Task, model, scores: Sequence[float]) -> dict:
 def train_psnr(task: Task, model, score: float) -> float:
     """Mean PSNR at `score` on the run's own unpaired training inputs against their hidden
     ground truth: beside the test PSNR it shows how much of a reward's gain generalises."""
-    from benchmarks.oracle_scorer import psnr
+    from experiments.oracle_scorer import psnr
 
     model.eval()
     out = torch.cat([model(x, score).clamp(0, 1) for x in task.inputs.split(16)])
@@ -352,7 +352,7 @@ def _main(args: argparse.Namespace, argv) -> dict:
     tasks = {t: run_task(t, args) for t in args.task_list}
     oracle_cells = [(t, c) for t, r in tasks.items() for c, s in r["cells"].items() if c.startswith("oracle:")]
     controllable = sum(tasks[t]["cells"][c]["spearman_psnr"]["mean"] >= TARGET_SPEARMAN for t, c in oracle_cells)
-    results = {"command": "python -m benchmarks.oracle " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": "python -m experiments.oracle " + " ".join(argv if argv is not None else sys.argv[1:]),
                "fast": args.fast, "machine": machine_line(), "ladder": args.ladder_alphas, "seeds": args.seeds,
                "test_split": args.test_split, "tasks": tasks, "controllable_oracle_cells": controllable,
                "elapsed_s": round(time.perf_counter() - started, 1)}
@@ -370,7 +370,7 @@ def _main(args: argparse.Namespace, argv) -> dict:
 
 
 if __name__ == "__main__":
-    from benchmarks.quality import script_logging
+    from experiments.quality import script_logging
 
     script_logging()
     main()
