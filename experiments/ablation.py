@@ -46,8 +46,13 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import quality
 from benchmarks.common import emit_result, machine_line, print_table, ray_session
+from experiments.common import fmt, fmt_signed, script_logging, with_threads
+from experiments.quality.args import add_run_arguments, base_overrides, budget_info, finish_run_arguments
+from experiments.quality.evaluate import common_nr_mean, controllability, evaluate, restore_checked, scored_names, spearman
+from experiments.quality.plots import pyplot
+from experiments.quality.run import prepare_run
+from experiments.quality.tasks import prepare_task, train_student
 
 
 @dataclass(frozen=True)
@@ -72,14 +77,14 @@ FAST_SWEEP = (0.0, 7.0)
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__.splitlines()[0])
-    quality.add_run_arguments(parser, out=Path("runs/ablation"))
+    add_run_arguments(parser, out=Path("runs/ablation"))
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated rows to run, of {', '.join(ROWS)} (default all)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="student runs per row, seeds seed, seed+1, ... (default 1); rows report the mean "
                              "and the range, so a difference between rows can be read against the noise")
     args = parser.parse_args(argv)
-    quality.finish_run_arguments(parser, args)
+    finish_run_arguments(parser, args)
     if args.fast and args.sweep is None:
         args.sweep_scores = list(FAST_SWEEP)
     args.row_list = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -98,9 +103,9 @@ def run_task(task: str, args: argparse.Namespace, out: Path) -> dict:
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
     task_dir = out / task
-    overrides = quality.base_overrides(args) + [f"data.task={task}"]
+    overrides = base_overrides(args) + [f"data.task={task}"]
     base_cfg = load_config(args.budget_path, overrides)
-    sets, stage1, timings = quality.prepare_task(task, args, task_dir, overrides, base_cfg)
+    sets, stage1, timings = prepare_task(task, args, task_dir, overrides, base_cfg)
     ensemble = IQAEnsemble.from_config(base_cfg)
     cap = base_cfg.model.score_cap
     restored = task_dir / "restored"
@@ -122,14 +127,14 @@ def run_row(task, args, row: Row, name: str, task_dir: Path, overrides: list[str
             stage1: dict[str, Path], ensemble, cap: float, seed: int, timings: dict) -> dict:
     """One student run of ``row`` with ``seed``, evaluated at the cap (and swept if conditioned)."""
     start = stage1["qualiteacher" if row.conditioned else "baseline"]
-    info, timings[f"train_{name}"] = quality.train_student(
+    info, timings[f"train_{name}"] = train_student(
         task, args, task_dir / name, overrides, sets, start, ["train.mode=qualiteacher", f"seed={seed}", *row.overrides])
     t0 = time.perf_counter()
     checkpoint = Path(info["checkpoint"])
     result = {"seed": seed, "run": info,
               "at_cap": evaluate_checkpoint(checkpoint, sets, ensemble, task_dir / "restored" / name, cap)}
     if row.conditioned:
-        sweep, rho = quality.controllability(checkpoint, sets, ensemble, task_dir / "restored" / f"{name}_score",
+        sweep, rho = controllability(checkpoint, sets, ensemble, task_dir / "restored" / f"{name}_score",
                                              args.sweep_scores, task_dir / name)
         result["sweep"] = [{k: p[k] for k in ("score", "psnr", "ssim", "ensemble", "images")} for p in sweep]
         result["spearman"] = {k: rho[k] for k in ("rho", "p_value", "images", "met")}
@@ -155,7 +160,7 @@ def mean_of_runs(runs: list[dict]) -> dict:
         out["sweep"] = [{"score": point["score"],
                          **{k: float(np.mean([r["sweep"][i][k] for r in runs])) for k in ("psnr", "ssim", "ensemble")}}
                         for i, point in enumerate(runs[0]["sweep"])]
-        rho = quality.spearman([p["score"] for p in out["sweep"]], [p["ensemble"] for p in out["sweep"]])
+        rho = spearman([p["score"] for p in out["sweep"]], [p["ensemble"] for p in out["sweep"]])
         out["spearman"] = rho | {"per_run": [r["spearman"]["rho"] for r in runs]}
     return out
 
@@ -164,8 +169,8 @@ def evaluate_checkpoint(checkpoint: Path, sets: dict[str, Path], ensemble, folde
     """The test set restored by ``checkpoint`` at ``score``, evaluated (per image: file, PSNR, NR)."""
     from qualiteacher.pipelines.restore import restore_folder
 
-    quality.restore_checked(restore_folder, checkpoint, sets["test/input"], folder, score)
-    result = quality.evaluate(folder, ensemble, sets["test/target"])
+    restore_checked(restore_folder, checkpoint, sets["test/input"], folder, score)
+    result = evaluate(folder, ensemble, sets["test/target"])
     return {k: result[k] for k in ("psnr", "ssim", "ensemble", "count", "nr_failed")} | {
         "per_image": [{k: i.get(k) for k in ("file", "psnr", "ensemble")} for i in result["per_image"]]}
 
@@ -186,15 +191,15 @@ def mark_helping(rows: dict[str, dict], teacher: dict) -> None:
 
 
 def margins(a: dict, b: dict) -> dict:
-    names = quality.scored_names(a, b)
+    names = scored_names(a, b)
     return {"psnr": a["psnr"] - b["psnr"],
-            "ensemble": quality.common_nr_mean(a, names) - quality.common_nr_mean(b, names),
+            "ensemble": common_nr_mean(a, names) - common_nr_mean(b, names),
             "nr_images": len(names)}
 
 
 # ---------------------------------------------------------------------------- report
 def write_report(results: dict, out: Path) -> Path:
-    f, signed = quality.fmt, quality.fmt_signed
+    f, signed = fmt, fmt_signed
     lines = ["# Ablation: the parts of QualiTeacher, one row at a time", ""]
     if results["fast"]:
         lines += ["**FAST MODE: tiny model and a few steps; these numbers are NOT meaningful.**", ""]
@@ -232,15 +237,15 @@ def write_report(results: dict, out: Path) -> Path:
 
 def _with_range(row: dict, metric: str, digits: int) -> str:
     """The row's mean, with the range over its runs when there are several."""
-    mean = quality.fmt(row["at_cap"][metric], digits)
+    mean = fmt(row["at_cap"][metric], digits)
     if len(row["runs"]) == 1:
         return mean
     low, high = row["range"][metric]
-    return f"{mean} ({quality.fmt(low, digits)}-{quality.fmt(high, digits)})"
+    return f"{mean} ({fmt(low, digits)}-{fmt(high, digits)})"
 
 
 def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
-    plt = quality.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.2 * len(tasks)), squeeze=False)
     for r, (task, res) in enumerate(tasks.items()):
         keys = list(res["rows"])
@@ -271,12 +276,12 @@ def ablation_plot(tasks: dict[str, dict], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the ablation; returns what ablation.json holds."""
     args = parse_args(argv)
-    return quality.with_threads(args.threads, lambda: _main(args, argv))
+    return with_threads(args.threads, lambda: _main(args, argv))
 
 
 def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     started = time.perf_counter()
-    out = quality.prepare_run(args)
+    out = prepare_run(args)
     machine = machine_line()
     print("== Ablation: rows " + ", ".join(f"({k}) {ROWS[k].name}" for k in args.row_list))
     print(machine)
@@ -291,7 +296,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     results = {
         "version": 1, "fast": args.fast,
         "command": "python -m experiments.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "budget": quality.budget_info(args), "rows": {k: {"name": r.name, "overrides": list(r.overrides)}
+        "budget": budget_info(args), "rows": {k: {"name": r.name, "overrides": list(r.overrides)}
                                                       for k, r in ROWS.items() if k in args.row_list},
         "tasks": tasks, "parts_helping": sum(row["helps"] for row in compared), "parts_compared": len(compared),
         "repeats": args.repeats, "machine": machine, "elapsed_s": round(time.perf_counter() - started, 1),
@@ -314,8 +319,8 @@ def print_summary(results: dict) -> None:
             vp = row.get("vs_previous")
             rows.append([task, f"({key}) {row['name']}", _with_range(row, "psnr", 2), _with_range(row, "ssim", 3),
                          _with_range(row, "ensemble", 2),
-                         quality.fmt_signed(vp["psnr"]) if vp else "-", quality.fmt_signed(vp["ensemble"]) if vp else "-",
-                         quality.fmt(row["spearman"]["rho"], 3) if "spearman" in row else "-"])
+                         fmt_signed(vp["psnr"]) if vp else "-", fmt_signed(vp["ensemble"]) if vp else "-",
+                         fmt(row["spearman"]["rho"], 3) if "spearman" in row else "-"])
     print()
     print_table(["task", "row", "PSNR dB", "SSIM", "NR ens", "dPSNR vs prev", "dNR vs prev", "spearman"], rows)
     print(f"\nparts that helped (both PSNR and NR above the row before): {results['parts_helping']} of "
@@ -324,6 +329,6 @@ def print_summary(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    quality.script_logging()
+    script_logging()
     main()
     sys.exit(0)

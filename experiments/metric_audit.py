@@ -45,7 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import emit_result, machine_line, print_table, repo_root
-from experiments.quality import TASKS, fmt, script_logging, spearman, with_threads
+from experiments.common import fmt, script_logging, with_threads
+from experiments.quality.evaluate import spearman
+from experiments.quality.targets import TASKS
 from qualiteacher.method.augment import AUGMENTATIONS  # the teacher's PL set, as in training
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # ladder blends (1 - a) * input + a * clean
@@ -333,6 +335,7 @@ def size_series(task: str, names: list[str], args: argparse.Namespace, seed: int
 def collect(task: str, args: argparse.Namespace, ensemble, task_dir: Path) -> dict:
     """Everything measured on one task: raw scores and PSNR / SSIM (no scale applied yet)."""
     from qualiteacher.pipelines.pretrain import pretrain
+
     from qualiteacher.data.samples import make_task_sets
     from qualiteacher.imageio import list_images, read_image
     from qualiteacher.method.augment import multi_aug_pseudo_labels

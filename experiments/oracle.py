@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import emit_result, machine_line, print_table
+from experiments.common import fmt, with_threads
 from experiments.oracle_scorer import OracleReward, OracleScorer
-from experiments.quality import TASKS, fmt, spearman, stage1_models, with_threads
+from experiments.quality.evaluate import spearman
+from experiments.quality.targets import TASKS
+from experiments.quality.tasks import stage1_models
 from experiments.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
 
 LEVELS = ("nr", "oracle")
@@ -370,7 +373,7 @@ def _main(args: argparse.Namespace, argv) -> dict:
 
 
 if __name__ == "__main__":
-    from experiments.quality import script_logging
+    from experiments.common import script_logging
 
     script_logging()
     main()

@@ -15,11 +15,13 @@ from benchmarks.common import parse_result
 
 
 def test_quality_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
-    from experiments import quality
+    from experiments.quality.args import FAST_SWEEP
+    from experiments.quality.run import RESULT_KEYS, TASK_KEYS, main
+    from experiments.quality.targets import METHODS
 
     out = tmp_path / "report"
     # Calibrated scores, as in the real budget (the smoke config does not calibrate).
-    results = quality.main(["--fast", "--tasks", "haze", "--out", str(out), "--set", "iqa.calibrate=true"])
+    results = main(["--fast", "--tasks", "haze", "--out", str(out), "--set", "iqa.calibrate=true"])
 
     for name in ("report.md", "results.json", "controllability.png", "per_task.png", "grid_haze.png"):
         path = out / name
@@ -29,15 +31,15 @@ def test_quality_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["fast"] is True and on_disk["tasks_run"] == ["haze"]
-    for key in quality.RESULT_KEYS:
+    for key in RESULT_KEYS:
         assert key in on_disk, key
     task = on_disk["tasks"]["haze"]
-    for key in quality.TASK_KEYS:
+    for key in TASK_KEYS:
         assert key in task, key
-    for method in quality.METHODS:
+    for method in METHODS:
         for metric in ("psnr", "ssim", "ensemble"):
             assert math.isfinite(task["methods"][method][metric]), (method, metric)
-    assert [s["score"] for s in task["sweep"]] == list(quality.FAST_SWEEP)
+    assert [s["score"] for s in task["sweep"]] == list(FAST_SWEEP)
     assert set(task["comparisons"]) == {"psnr_vs_teacher", "psnr_vs_baseline", "ensemble_vs_teacher",
                                         "ensemble_vs_baseline"}
     assert {"rho", "p_value", "met"} <= set(task["spearman"])
@@ -60,10 +62,10 @@ def test_quality_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
 
 
 def test_quality_rejects_unknown_task():
-    from experiments import quality
+    from experiments.quality.args import parse_args
 
     with pytest.raises(SystemExit):
-        quality.parse_args(["--tasks", "fog"])
+        parse_args(["--tasks", "fog"])
 
 
 def test_ablation_fast_writes_report(capsys, ray_cluster, weights_dir, tmp_path):
