@@ -92,6 +92,7 @@ def shared_inputs(cfg, root: Path) -> list[str]:
     """Make the data sets and the stage-1 teacher once; overrides that point a run at them."""
     from qualiteacher.pipelines.pretrain import pretrain
     from qualiteacher.pipelines.train import prepare_data
+
     from qualiteacher.run_dir import RunDir
 
     shared = RunDir(root)  # laid out as a run folder: its data sets and stage-1 teacher
@@ -105,9 +106,10 @@ def shared_inputs(cfg, root: Path) -> list[str]:
 def train_once(config: Path, overrides: list[str], relabel_unchanged: bool, url: str, run_dir: Path) -> dict:
     """One training job; its summary, the bank's counters and the student's steps/s."""
     from qualiteacher.pipelines.train import run
-    from qualiteacher.config import load_config
     from qualiteacher.services.bank.store import MemoryBank
     from qualiteacher.services.redis_server import redis_client
+
+    from qualiteacher.config import load_config
 
     tag = unique_prefix("le")
     cfg = load_config(config, [*overrides, f"labelling.relabel_unchanged={str(relabel_unchanged).lower()}",
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
     reps = args.reps or 1
 
     import ray
-
     from qualiteacher.pipelines.train import init_ray
+
     from qualiteacher.config import load_config
 
     config, overrides = base_overrides(args)

@@ -67,14 +67,14 @@ def component_bound(cfg: dict, url: str, images: list) -> tuple[float, float]:
 
     import numpy as np
     import torch
-
-    from qualiteacher.config import ModelConfig
-    from qualiteacher.flat_weights import flatten
-    from qualiteacher.models.build import build_model
     from qualiteacher.services.bank.store import MemoryBank
     from qualiteacher.services.redis_server import redis_client
     from qualiteacher.services.scorer import ScorerWorker
     from qualiteacher.services.teacher import TeacherWorker
+
+    from qualiteacher.config import ModelConfig
+    from qualiteacher.flat_weights import flatten
+    from qualiteacher.models.build import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -112,13 +112,13 @@ def main(argv: list[str] | None = None, *, redis_url: str | None = None) -> floa
     size = args.size or (96 if args.fast else 288)
 
     import ray
+    from qualiteacher.services.bank.store import MemoryBank
+    from qualiteacher.services.labeller import Labeller
+    from qualiteacher.services.redis_server import redis_client
 
     from qualiteacher.config import ModelConfig
     from qualiteacher.flat_weights import flatten
     from qualiteacher.models.build import build_model
-    from qualiteacher.services.bank.store import MemoryBank
-    from qualiteacher.services.labeller import Labeller
-    from qualiteacher.services.redis_server import redis_client
 
     images = sample_images(n_images, size)
     ids = [f"im{i}" for i in range(n_images)]

@@ -231,7 +231,6 @@ def cmd_restore(args) -> int:
 
 def cmd_scale(args) -> int:
     import ray
-
     from qualiteacher.services.names import LABELLER
 
     if not ray.is_initialized():

@@ -34,6 +34,7 @@ def mean_psnr(pred_dir: Path, gt_dir: Path) -> float:
 def run_demo(cfg: Config, run_dir: Path) -> int:
     from qualiteacher.pipelines.restore import restore_folder
     from qualiteacher.pipelines.train import headline_line, run
+
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.iqa.weights import prepare
     from qualiteacher.scoring import score_files

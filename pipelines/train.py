@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-
 from qualiteacher.pipelines.progress import ProgressReporter
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.names import LABELLER
+from qualiteacher.services.nodes import node_changes, node_table
+from qualiteacher.services.redis_server import redact_url, redis_client, resolve_redis
+
 from qualiteacher.checkpoint import load_training_state
 from qualiteacher.config import Config, ConfigError
 from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from qualiteacher.run_dir import TRAIN_RUN_NAME, RunDir
-from qualiteacher.services.bank.store import MemoryBank
-from qualiteacher.services.names import LABELLER
-from qualiteacher.services.nodes import node_changes, node_table
-from qualiteacher.services.redis_server import redact_url, redis_client, resolve_redis
 
 log = logging.getLogger("qualiteacher.train")
 
@@ -90,6 +90,7 @@ def prepare_data(cfg: Config, run_folder: RunDir) -> dict[str, Path]:
 def initial_teacher(cfg: Config, run_folder: RunDir, data: dict[str, Path]) -> tuple[dict, dict, int]:
     """(student init state, teacher state, teacher version) for this run."""
     from qualiteacher.pipelines.pretrain import pretrain
+
     from qualiteacher.checkpoint import load_restorer
 
     stage1 = cfg.pretrain.checkpoint or run_folder.pretrain
@@ -172,9 +173,10 @@ def _fit_calibration(cfg: Config, data: dict[str, Path], teacher_state: dict):
 def start_labeller(cfg: Config, redis_url: str, unpaired_dir: Path, teacher_state: dict, version: int):
     """The labeller actor, on the driver's node. Its handle goes to the student through
     `run_student`; its name (`qualiteacher.services.names.LABELLER`) is for outside tools (`qualiteacher scale`)."""
-    from qualiteacher.data.paired import UnpairedImages
     from qualiteacher.services.labeller import Labeller
     from qualiteacher.services.placement import on_driver_node
+
+    from qualiteacher.data.paired import UnpairedImages
 
     try:
         unpaired = UnpairedImages(unpaired_dir, size=cfg.labelling.image_size,
@@ -197,11 +199,10 @@ def run_student(cfg: Config, run_folder: RunDir, redis_url: str, data: dict, ini
     """Ray Train's fit of the student. The workers get the labeller's handle in their config:
     the labeller is never restarted (no max_restarts), so the handle stays valid for every
     worker group Ray Train starts in this job, restarts included."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from qualiteacher.services.placement import train_worker_resources
     from qualiteacher.services.student import train_loop_per_worker
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     tc = cfg.train
     # Ray Train would move each worker into its run folder; staying in the job's working

@@ -28,7 +28,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import redis
-
 from qualiteacher.services.bank.keys import BankKeys, as_str
 
 # Fields written as floats; every other field is an int.

@@ -30,9 +30,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import redis
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
-
-from qualiteacher.config import Config
 from qualiteacher.services.bank.inputs import InputStore
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.names import scorer_name, teacher_name
@@ -40,6 +37,9 @@ from qualiteacher.services.placement import actor_options
 from qualiteacher.services.redis_server import redis_client
 from qualiteacher.services.scorer import ScorerWorker
 from qualiteacher.services.teacher import TeacherWorker
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
+
+from qualiteacher.config import Config
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from qualiteacher.config import Config
-from qualiteacher.iqa.ensemble import IQAEnsemble
-from qualiteacher.method.judge import Verdict, judge, ladder_levels, scored_rungs
 from qualiteacher.services.bank.codec import build_entry
 from qualiteacher.services.bank.inputs import InputStore
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.redis_server import redis_client
+
+from qualiteacher.config import Config
+from qualiteacher.iqa.ensemble import IQAEnsemble
+from qualiteacher.method.judge import Verdict, judge, ladder_levels, scored_rungs
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,11 @@ import numpy as np
 import ray
 import redis
 import torch
+from qualiteacher.services.bank.codec import decode_image, decode_weights
+from qualiteacher.services.bank.inputs import InputStore
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.redis_server import redis_client
+from qualiteacher.services.training_log import TrainingLog
 
 from qualiteacher.checkpoint import load_training_state, save_training_state
 from qualiteacher.config import Config
@@ -46,11 +51,6 @@ from qualiteacher.student_step import (
     step_losses,
     target_levels,
 )
-from qualiteacher.services.bank.codec import decode_image, decode_weights
-from qualiteacher.services.bank.inputs import InputStore
-from qualiteacher.services.bank.store import MemoryBank
-from qualiteacher.services.redis_server import redis_client
-from qualiteacher.services.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 

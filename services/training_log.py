@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
+from qualiteacher.services.bank.store import MemoryBank
+from qualiteacher.services.training_stream import TrainingStream
 
 from qualiteacher.config import Config
 from qualiteacher.imageio import encode_png
@@ -29,8 +31,6 @@ from qualiteacher.training_log import (
     score_histogram,
     step_scalars,
 )
-from qualiteacher.services.bank.store import MemoryBank
-from qualiteacher.services.training_stream import TrainingStream
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)

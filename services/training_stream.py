@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
+from qualiteacher.services.bank.keys import BankKeys
 
 from qualiteacher.training_log import PROBE_NAME
-from qualiteacher.services.bank.keys import BankKeys
 
 DEFAULT_MAXLEN = 10_000  # points kept (approximately: MAXLEN ~ trims whole stream nodes)
 STEP = "step"

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from qualiteacher.services.bank import MemoryBank
 from qualiteacher.services.redis_server import EmbeddedRedis
 

@@ -314,6 +314,7 @@ def test_training_over_a_messy_folder(ray_cluster, weights_dir, corpus, tmp_path
     """The smoke job with the messy folder as its unpaired data (and broken files among the
     paired ones): each bad file is logged once, by name, and skipped; the run completes."""
     from qualiteacher.pipelines.train import run
+
     from qualiteacher.config import load_config
     from qualiteacher.data.samples import make_task_sets
 
@@ -361,9 +362,10 @@ def test_scorer_drops_an_unscorable_pl_set_and_keeps_the_rest(weights_dir, redis
     and BRISQUE gives NaN. The scorer drops that set (counted as non_finite) and gates the
     others; before, the whole batch failed and the labeller retried it for minutes.
     At 192 px the 2x2 blocks are 96 px, so NIQE scores blocks too and raises on the flat ones."""
-    from qualiteacher.config import load_config
     from qualiteacher.services.bank.store import MemoryBank
     from qualiteacher.services.scorer import ScorerWorker
+
+    from qualiteacher.config import load_config
     from tests.redis_fixtures import unique_prefix
 
     prefix = unique_prefix()

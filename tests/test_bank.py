@@ -16,10 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from qualiteacher.protos import bank_entry_pb2 as pb
-from qualiteacher.method.gating import Scored
-from qualiteacher.method.gating import gate as reference_gate
 from qualiteacher.services.bank import (
     MemoryBank,
     build_entry,
@@ -30,6 +27,9 @@ from qualiteacher.services.bank import (
 )
 from qualiteacher.services.bank.keys import BankKeys
 from qualiteacher.services.redis_server import EmbeddedRedis, redis_client
+
+from qualiteacher.method.gating import Scored
+from qualiteacher.method.gating import gate as reference_gate
 from tests.redis_fixtures import unique_prefix
 
 REPO = Path(__file__).resolve().parents[1]

@@ -97,11 +97,12 @@ def test_batch_from_records_in_a_real_redis_bank(bank, redis_url):
     """The student's reader (`qualiteacher.services.student.BankBatches`) on records the gate stored: one
     crop for the input and every label, the stored weight grids upsampled, padded slots, levels
     at the cap, and Eq. 8's q_min over the labels alone on that crop."""
+    from qualiteacher.services.bank import decode_weights
+    from qualiteacher.services.student import BankBatches
+
     from qualiteacher.config import load_config
     from qualiteacher.method.bank_batch import upsample_block_weights
     from qualiteacher.student_step import poorest_label_quality
-    from qualiteacher.services.bank import decode_weights
-    from qualiteacher.services.student import BankBatches
 
     _fill(bank)
     assert [(e.ensemble, e.level) for e in bank.entries("a")] == [(9.0, CAP), (6.0, 6.0), (2.5, 2.5)]
@@ -143,8 +144,9 @@ def test_batch_from_records_in_a_real_redis_bank(bank, redis_url):
 def test_the_reader_caps_levels_whatever_the_records_hold(bank, redis_url):
     """Levels are capped when written (`build_entry`) and again when read: a student with a lower
     cap than the records' trains no label, rung or padding slot above its own."""
-    from qualiteacher.config import load_config
     from qualiteacher.services.student import BankBatches
+
+    from qualiteacher.config import load_config
 
     _fill(bank)
     cfg = load_config(None, [f"redis.prefix={bank.prefix}", f"data.crop_size={CROP}", "model.score_cap=5.0",

@@ -214,6 +214,7 @@ def test_cli_restore_weights_picks_student_or_ema_teacher(tmp_path):
     """`qualiteacher restore --weights teacher` restores with the EMA teacher of a training
     state, the default with the student; the two differ, so each output names its source."""
     from qualiteacher.pipelines.cli import main
+
     from qualiteacher.imageio import read_image, write_png
 
     cfg = tiny_cfg()

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from qualiteacher.checkpoint import load_training_state
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.redis_server import redis_client
+
+from qualiteacher.checkpoint import load_training_state
 from tests.local_cluster import LocalCluster
 from tests.redis_fixtures import unique_prefix
 

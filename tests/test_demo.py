@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from qualiteacher.pipelines.demo import controllability_line
 from qualiteacher.pipelines.train import headline_json, headline_line
+
 from qualiteacher.imageio import write_png
 
 

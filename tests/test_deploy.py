@@ -581,7 +581,6 @@ def ray_head(weights_dir) -> Iterator[tuple[str, dict]]:
 # About 60 s on 2 cores (head start-up ~9 s, the smoke job ~45 s): in the default suite.
 def test_ray_job_submit_trains_and_the_monitor_reads_its_bank(ray_head, tmp_path):
     from fastapi.testclient import TestClient
-
     from qualiteacher.services.bank.store import MemoryBank
     from qualiteacher.services.monitor import create_app
     from qualiteacher.services.redis_server import EmbeddedRedis, redis_client

@@ -55,8 +55,8 @@ def test_baseline_starts_from_a_conditioned_stage1_model(tmp_path):
 
 def test_preflight_rejects_images_smaller_than_a_metric_needs():
     import pytest
-
     from qualiteacher.pipelines.train import preflight
+
     from qualiteacher.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"labelling\.image_size=64.*niqe needs 96"):
@@ -65,8 +65,8 @@ def test_preflight_rejects_images_smaller_than_a_metric_needs():
 
 def test_preflight_rejects_crops_smaller_than_the_reward_needs():
     import pytest
-
     from qualiteacher.pipelines.train import preflight
+
     from qualiteacher.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"loss\.consistency: .*at least 96 px"):  # Eq. 9: the config's own rule

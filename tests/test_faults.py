@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import ray
-
-from qualiteacher.config import load_config
-from qualiteacher.flat_weights import flatten
-from qualiteacher.models.build import build_model
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.labeller import Labeller
 from qualiteacher.services.names import scorer_name, teacher_name
 from qualiteacher.services.redis_server import redis_client
+
+from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
+from qualiteacher.models.build import build_model
 from tests.waiting import wait_until as _wait_until
 
 

@@ -176,6 +176,7 @@ def test_student_step_on_gpu_matches_cpu(ensembles, monkeypatch):
 def test_scorer_worker_on_gpu_gates_the_same_entries(weights_dir, redis_server):
     from qualiteacher.services.bank.store import MemoryBank
     from qualiteacher.services.scorer import ScorerWorker
+
     from tests.redis_fixtures import unique_prefix
 
     photos = (_photos(6, 192).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -203,6 +204,7 @@ def test_scorer_worker_on_gpu_gates_the_same_entries(weights_dir, redis_server):
 def test_pretrain_and_restore_on_gpu(tmp_path):
     from qualiteacher.pipelines.pretrain import pretrain
     from qualiteacher.pipelines.restore import restore_folder
+
     from qualiteacher.data.degradations import degrade
     from qualiteacher.imageio import read_image, write_png
 

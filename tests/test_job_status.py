@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from qualiteacher.services.bank import build_entry
 from qualiteacher.services.job_status import FIELD_NAMES, JobStatus, JobStatusHash
 

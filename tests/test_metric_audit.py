@@ -14,8 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from experiments import metric_audit as audit
 from benchmarks.common import parse_result
+from experiments import metric_audit as audit
 
 
 def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

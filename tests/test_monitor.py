@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-
 from qualiteacher.services.bank.codec import build_entry
 from qualiteacher.services.bank.inputs import InputStore
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.monitor import create_app
 from qualiteacher.services.redis_server import EmbeddedRedis, free_port, redis_client
 from qualiteacher.services.training_stream import TrainingStream
+
 from tests.redis_fixtures import unique_prefix
 
 METRICS = ("brisque", "niqe", "piqe")

@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-
 from qualiteacher.services.bank.codec import build_entry
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.monitor import create_app
 from qualiteacher.services.redis_server import free_port, redis_client
+
 from tests.redis_fixtures import unique_prefix
 from tests.test_monitor import fill_bank
 

@@ -61,8 +61,8 @@ def test_factorial_fast_runs_and_reports(tmp_path, capsys, weights_dir):
     """`--fast` on one task and two cells: the report and JSON hold every cell and the
     teacher, Spearman values are numbers in [-1, 1] or NaN (a flat sweep), and the labels
     in the bank have levels on the 0-10 scale."""
-    from experiments import oracle
     from benchmarks.common import parse_result
+    from experiments import oracle
 
     results = oracle.main(["--fast", "--tasks", "haze", "--cells", "oracle:off,nr:nr", "--ladder", "0,0.5",
                            "--out", str(tmp_path), "--no-baseline"])

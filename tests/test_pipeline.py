@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import ray
-
-from qualiteacher.config import load_config
-from qualiteacher.flat_weights import flatten
 from qualiteacher.services.bank.codec import decode_image
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.redis_server import redis_client
+
+from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
 from tests.waiting import wait_until as _wait_until
 
 
@@ -90,11 +90,11 @@ def test_smoke_run_training_log(smoke_run):
     """TensorBoard's own reader finds every scalar and the probe images of the real run; the
     Redis stream holds the same numbers, and the monitor's training endpoint serves them."""
     from fastapi.testclient import TestClient
-
-    from qualiteacher.imageio import decode_png
     from qualiteacher.services.monitor import create_app
     from qualiteacher.services.redis_server import EmbeddedRedis
     from qualiteacher.services.training_stream import TrainingStream
+
+    from qualiteacher.imageio import decode_png
 
     run_dir, summary = smoke_run
     acc = _events(run_dir / "tensorboard")
@@ -186,10 +186,10 @@ def test_scorer_stores_the_condition_ladder_of_each_sets_best_label(weights_dir,
     the ensemble score of a * label + (1 - a) * input, the input read from Redis; a=0 is the
     input itself. The other labels carry none."""
     import torch
-
-    from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.services.bank.inputs import InputStore
     from qualiteacher.services.scorer import ScorerWorker
+
+    from qualiteacher.iqa.ensemble import IQAEnsemble
 
     cfg = _cfg("ladder-test", "drop.enabled=false", "redis.prefix=ladder", "labelling.ladder=[0.0, 0.5]")
     rng = np.random.default_rng(5)
@@ -218,11 +218,11 @@ def test_scorer_stores_the_core_judges_verdict(weights_dir, redis_url):
     verdict of `qualiteacher.method.judge` on the same decoded labels (level, scores, block
     weights, q_min, the best label's ladder), and the sets the core drops are not stored."""
     import torch
+    from qualiteacher.services.bank.inputs import InputStore
+    from qualiteacher.services.scorer import ScorerWorker
 
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.method.judge import judge, ladder_levels, scored_rungs
-    from qualiteacher.services.bank.inputs import InputStore
-    from qualiteacher.services.scorer import ScorerWorker
 
     cfg = _cfg("judge-test", "redis.prefix=judge", "labelling.ladder=[0.0, 0.5]", "drop.tau_multi=1",
                "drop.tau_aug=1")
@@ -257,8 +257,9 @@ def test_scorer_stores_the_core_judges_verdict(weights_dir, redis_url):
 
 
 def test_scaling_scorers_mid_run_loses_nothing(ray_cluster, weights_dir, redis_url):
-    from qualiteacher.models.build import build_model
     from qualiteacher.services.labeller import Labeller
+
+    from qualiteacher.models.build import build_model
 
     cfg = _cfg("scale-test", "redis.prefix=scale", "drop.enabled=false", "labelling.teachers=1",
                "labelling.batch_size=2")
@@ -291,9 +292,10 @@ def test_labeller_relabels_only_after_a_push(ray_cluster, weights_dir, redis_url
     again, the loop waits instead; a push relabels every image once; stop() ends it at once."""
     import time
 
-    from qualiteacher.models.build import build_model
     from qualiteacher.services.labeller import Labeller
     from qualiteacher.services.scorer import label_id
+
+    from qualiteacher.models.build import build_model
 
     cfg = _cfg("relabel-test", "redis.prefix=relabel", "drop.enabled=false", "labelling.teachers=1",
                "labelling.batch_size=2")
@@ -343,7 +345,6 @@ def test_student_worker_killed_resumes_from_checkpoint(ray_cluster, weights_dir,
     import time
 
     import psutil
-
     from qualiteacher.pipelines.train import run
 
     killed: list[int] = []
@@ -388,6 +389,7 @@ def test_data_paths_are_absolute_for_a_relative_run_dir(tmp_path, monkeypatch):
     from pathlib import Path
 
     from qualiteacher.pipelines.train import prepare_data
+
     from qualiteacher.run_dir import RunDir
 
     cfg = _cfg("paths")

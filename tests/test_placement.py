@@ -3,8 +3,9 @@ the multi-node placement itself is tests/test_cluster.py, `make test-cluster`)."
 
 from __future__ import annotations
 
-from qualiteacher.config import load_config
 from qualiteacher.services.placement import actor_options, train_worker_resources, unplaceable_roles
+
+from qualiteacher.config import load_config
 
 PLACED = ["labelling.teacher_resources={num_cpus: 1, num_gpus: 0.5, resources: {qt_teacher: 1}}",
           "labelling.scorer_resources={resources: {qt_scorer: 0.5}}",

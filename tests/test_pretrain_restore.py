@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from qualiteacher.pipelines import cli
 from qualiteacher.pipelines import pretrain as pretrain_mod
 from qualiteacher.pipelines import restore as restore_mod
+
 from qualiteacher.checkpoint import load_restorer, read_model_file, save_model_file
 from qualiteacher.config import load_config
 from qualiteacher.data.paired import ID_PATTERN, PairedImages, UnpairedImages

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from qualiteacher.pipelines import cli
+
 from qualiteacher.imageio import write_png
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from qualiteacher.protos.generate import PROTO_DIR, PROTO_FILES, generate, generated_names
 
 

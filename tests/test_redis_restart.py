@@ -15,14 +15,14 @@ import time
 import numpy as np
 import ray
 from fastapi.testclient import TestClient
-
-from qualiteacher.config import load_config
-from qualiteacher.flat_weights import flatten
-from qualiteacher.models.build import build_model
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.labeller import Labeller
 from qualiteacher.services.monitor import create_app
 from qualiteacher.services.redis_server import EmbeddedRedis, free_port, redis_client
+
+from qualiteacher.config import load_config
+from qualiteacher.flat_weights import flatten
+from qualiteacher.models.build import build_model
 from tests.waiting import wait_until as _wait_until
 
 N_IMAGES = 16  # one pass (one teacher version), long enough to be mid-run at the outage

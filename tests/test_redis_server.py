@@ -6,10 +6,9 @@ import logging
 
 import pytest
 import redis
+from qualiteacher.services.redis_server import EmbeddedRedis, redact_url, redis_client, resolve_redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from qualiteacher.services.redis_server import EmbeddedRedis, redact_url, redis_client, resolve_redis
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import ray
 import torch
+from qualiteacher.services.teacher import TeacherWorker
 
 from qualiteacher.config import load_config
 from qualiteacher.flat_weights import flatten
 from qualiteacher.models.build import build_model
-from qualiteacher.services.teacher import TeacherWorker
 
 
 def _state(model_cfg, seed: int) -> dict:

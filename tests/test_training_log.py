@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from qualiteacher.services.bank.codec import build_entry
+from qualiteacher.services.training_stream import TrainingStream, latest_attempt
 
 from qualiteacher.config import ConfigError, load_config
 from qualiteacher.imageio import decode_png, write_png
@@ -23,8 +25,6 @@ from qualiteacher.training_log import (
     score_histogram,
     step_scalars,
 )
-from qualiteacher.services.bank.codec import build_entry
-from qualiteacher.services.training_stream import TrainingStream, latest_attempt
 
 
 def _events(path):

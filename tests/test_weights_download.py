@@ -19,8 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from qualiteacher.pipelines.cli import main
+
 from qualiteacher.iqa.download import (
     MIRROR_ENV,
     DownloadError,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import redis
-
 from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.services.bank.keys import HIST_BINS, BankKeys, hist_bin
 from qualiteacher.services.bank.keys import as_str as _s

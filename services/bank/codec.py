@@ -11,10 +11,10 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-
 from qualiteacher.protos import bank_entry_pb2 as pb
-from qualiteacher.method.augment import KNOWN_AUGMENTATIONS
 from qualiteacher.services.bank.keys import validate_id
+
+from qualiteacher.method.augment import KNOWN_AUGMENTATIONS
 
 BankEntry = pb.BankEntry
 

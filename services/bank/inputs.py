@@ -10,9 +10,9 @@ from collections.abc import Iterable
 
 import numpy as np
 import redis
+from qualiteacher.services.bank.keys import validate_id, validate_prefix
 
 from qualiteacher.imageio import decode_png, encode_png
-from qualiteacher.services.bank.keys import validate_id, validate_prefix
 
 
 class InputStore:

@@ -26,7 +26,6 @@ from importlib import resources
 from typing import Any, Protocol
 
 import redis
-
 from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.services.bank.check import check_invariants
 from qualiteacher.services.bank.keys import HIST_BINS, BankKeys, validate_id

@@ -44,7 +44,6 @@ import logging
 
 import redis
 from fastapi import FastAPI
-
 from qualiteacher.services.bank.keys import validate_prefix
 from qualiteacher.services.monitor.bank_routes import bank_router
 from qualiteacher.services.monitor.errors import add_error_handlers

@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
-
 from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.services.bank.keys import ID_PATTERN, validate_id
 from qualiteacher.services.job_status import JobStatus

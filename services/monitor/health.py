@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter
-
 from qualiteacher.services.monitor.errors import ERROR_RESPONSES
 from qualiteacher.services.monitor.models import Health
 from qualiteacher.services.monitor.sources import Sources

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 from fastapi.responses import Response
-
 from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.services.bank.codec import decode_image
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
-
 from qualiteacher.services.bank.store import COUNTER_NAMES
 from qualiteacher.services.monitor.errors import REDIS_ERRORS
 from qualiteacher.services.monitor.sources import Sources

@@ -9,9 +9,8 @@ import logging
 import re
 
 from fastapi import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from qualiteacher.services.monitor.errors import error_response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TOKEN_ENV = "QUALITEACHER_MONITOR_TOKEN"
 

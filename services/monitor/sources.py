@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
-
 from qualiteacher.services.bank.inputs import InputStore
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.redis_server import redact_url, redis_client

@@ -9,8 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
-
-from qualiteacher.training_log import PROBE_NAME, probe_name
 from qualiteacher.services.monitor.errors import (
     ERROR_RESPONSES,
     ID_RESPONSES,
@@ -26,6 +24,8 @@ from qualiteacher.services.monitor.models import (
     TrainingPoint,
 )
 from qualiteacher.services.monitor.sources import Sources
+
+from qualiteacher.training_log import PROBE_NAME, probe_name
 
 log = logging.getLogger(__name__)
 
