@@ -14,9 +14,7 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +32,7 @@ from qualiteacher.services.redis_server import EmbeddedRedis, free_port, redis_c
 from qualiteacher.services.training_stream import TrainingStream
 
 from tests.redis_fixtures import unique_prefix
+from tests.serving import served_app
 
 METRICS = ("brisque", "niqe", "piqe")
 BAD_IDS = ["a:b", "*", "a*", "a b", "{x}", "-x", ".x", "x" * 129, "qt:counters", "é"]
@@ -660,23 +659,9 @@ class WebDriver:
 @pytest.fixture
 def served(filled, redis_url) -> Iterator[tuple[str, str]]:
     """The app under uvicorn on loopback (with a token, to check the page passes it on)."""
-    import uvicorn
-
     token = "browser-token"
-    port = free_port()
-    app = create_app(redis_url, prefix=filled[0].prefix, token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    with socket.create_connection(("127.0.0.1", port), timeout=5):
-        pass
-    yield f"http://127.0.0.1:{port}", token
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_app(create_app(redis_url, prefix=filled[0].prefix, token=token)) as base:
+        yield base, token
 
 
 def test_page_renders_in_chromium(served, filled, tmp_path):

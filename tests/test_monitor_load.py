@@ -21,9 +21,10 @@ import pytest
 from qualiteacher.services.bank.codec import build_entry
 from qualiteacher.services.bank.store import MemoryBank
 from qualiteacher.services.monitor import create_app
-from qualiteacher.services.redis_server import free_port, redis_client
+from qualiteacher.services.redis_server import redis_client
 
 from tests.redis_fixtures import unique_prefix
+from tests.serving import served_app
 from tests.test_monitor import fill_bank
 
 DURATION_S = 8.0
@@ -42,22 +43,9 @@ def live_bank(redis_server) -> Iterator[tuple[MemoryBank, list[str]]]:
 
 @pytest.fixture
 def server_url(live_bank, redis_url) -> Iterator[str]:
-    import uvicorn
-
     bank, _ = live_bank
-    port = free_port()
-    app = create_app(redis_url, prefix=bank.prefix)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_app(create_app(redis_url, prefix=bank.prefix), access_log=False) as base:
+        yield base
 
 
 def _gate_forever(bank: MemoryBank, ids: list[str], stop: threading.Event, counts: dict) -> None:
