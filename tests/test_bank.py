@@ -80,6 +80,20 @@ def test_gate_matches_reference(redis_server, calls, top_k, images):
         bank.client.close()
 
 
+def test_lua_builds_the_keys_python_builds(bank):
+    """The scripts' key builders come from keys.PER_IMAGE_KEYS, like BankKeys': one layout."""
+    from qualiteacher.services.bank.keys import lua_key_functions
+
+    script = lua_key_functions() + ("return {rank_key(ARGV[1], ARGV[2]), seen_key(ARGV[1], ARGV[2]), "
+                                    "entry_key(ARGV[1], ARGV[2], ARGV[3]), input_key(ARGV[1], ARGV[2])}")
+    lua = [k.decode() for k in bank.client.eval(script, 0, bank.prefix, "img-1", "lab.2")]
+    k = BankKeys(bank.prefix)
+    assert lua == [k.rank("img-1"), k.seen("img-1"), k.entry("img-1", "lab.2"), k.input("img-1")]
+    assert lua[2] == f"{bank.prefix}:e:img-1:lab.2"  # the layout on disk is unchanged
+    bank.gate("img-1", [entry("img-1", "lab.2", 5.0)])
+    assert bank.client.exists(k.entry("img-1", "lab.2"), k.rank("img-1"), k.seen("img-1")) == 3
+
+
 def test_ties_order_by_label_id(bank):
     out = bank.gate("img", [entry("img", label, 5.0) for label in ["b", "a_1", "B", "a-1", "a"]])
     assert out.kept == sorted(["b", "a_1", "B", "a-1", "a"])[:3] == ["B", "a", "a-1"]

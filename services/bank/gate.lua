@@ -13,19 +13,19 @@
 --
 -- KEYS[1] rank zset      KEYS[2] seen set       KEYS[3] idx:best   KEYS[4] idx:lex
 -- KEYS[5] idx:recent     KEYS[6] counters hash  KEYS[7] events     KEYS[8] meta hash
--- ARGV[1] image id       ARGV[2] top_k          ARGV[3] entry key prefix ("P:e:{image}:")
+-- ARGV[1] image id       ARGV[2] top_k          ARGV[3] key prefix ("P")
 -- ARGV[4] events MAXLEN  ARGV[5] teacher version for the event    ARGV[6] n candidates
 -- ARGV[7 + 3i], ARGV[8 + 3i], ARGV[9 + 3i]: label id, repr(-ensemble), BankEntry bytes
 --
 -- Returns {admitted, evicted, rejected, duplicates, kept} (lists of label ids; kept best
--- first). Entry keys are built from ARGV[3] (the image's own namespace), which is why
+-- first). Entry keys are built from ARGV[3] with entry_key (keys.py), which is why
 -- the script is for a single Redis, not a cluster.
 
 local rank, seen, idx_best, idx_lex, idx_recent, counters, events, meta =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local image_id = ARGV[1]
 local top_k = tonumber(ARGV[2])
-local entry_prefix = ARGV[3]
+local prefix = ARGV[3]
 local maxlen = ARGV[4]
 local teacher_version = ARGV[5]
 local n = tonumber(ARGV[6])
@@ -62,7 +62,7 @@ for i = 0, n - 1 do
     duplicates[#duplicates + 1] = label
   else
     redis.call('ZADD', rank, neg, label)
-    redis.call('SET', entry_prefix .. label, payload)
+    redis.call('SET', entry_key(prefix, image_id, label), payload)
     is_new[label] = true
     new_order[#new_order + 1] = label
     new_score[label] = neg
@@ -74,7 +74,7 @@ local evicted, rejected = {}, {}
 local over = redis.call('ZRANGE', rank, top_k, -1, 'WITHSCORES')
 for j = 1, #over, 2 do
   local label = over[j]
-  redis.call('DEL', entry_prefix .. label)
+  redis.call('DEL', entry_key(prefix, image_id, label))
   if is_new[label] then
     rejected[#rejected + 1] = label
     is_new[label] = false

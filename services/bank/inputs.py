@@ -1,7 +1,7 @@
 """Degraded input images beside the bank, so students on any node can read them.
 
-One PNG per image id at `{prefix}:input:{image_id}`; written once when an image is first
-labelled. Kept apart from the bank's entries: the gate and its invariants never touch them.
+One PNG per image id at `BankKeys.input` (`{prefix}:input:{image_id}`); written once when an
+image is first labelled. Kept apart from the bank's entries: the gate and its invariants never touch them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import redis
-from qualiteacher.services.bank.keys import validate_id, validate_prefix
+from qualiteacher.services.bank.keys import BankKeys, validate_prefix
 
 from qualiteacher.imageio import decode_png, encode_png
 
@@ -21,7 +21,7 @@ class InputStore:
         self.prefix = validate_prefix(prefix)
 
     def key(self, image_id: str) -> str:
-        return f"{self.prefix}:input:{validate_id(image_id)}"
+        return BankKeys(self.prefix).input(image_id)
 
     def put_many(self, images: dict[str, np.ndarray]) -> int:
         """Store inputs not stored yet (SET NX); returns how many were new."""

@@ -14,6 +14,7 @@ key                                    type     contents
                                                 (admitted, rejected or evicted): replays are
                                                 no-ops
 ``P:e:{image}:{label}``                string   ``BankEntry.SerializeToString()``
+``P:input:{image}``                    string   the image's input, PNG (``inputs.InputStore``)
 ``P:idx:best``                         zset     image id -> -(best ensemble) (sort="score")
 ``P:idx:lex``                          zset     image id -> 0 (sort="id", by lex)
 ``P:idx:recent``                       zset     image id -> sequence number of last change
@@ -47,6 +48,15 @@ _ID_RE = re.compile(ID_PATTERN)
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 HIST_BINS = 10
+
+# The keys built per image, written once: `BankKeys` fills them in Python and
+# `lua_key_functions` turns them into the Lua functions the bank's scripts call.
+PER_IMAGE_KEYS = {
+    "rank_key": "{prefix}:img:{image}:rank",
+    "seen_key": "{prefix}:img:{image}:seen",
+    "entry_key": "{prefix}:e:{image}:{label}",
+    "input_key": "{prefix}:input:{image}",
+}
 
 
 def validate_id(value: object, what: str = "image id") -> str:
@@ -86,17 +96,17 @@ class BankKeys:
 
     # per image
     def rank(self, image_id: str) -> str:
-        return f"{self.prefix}:img:{validate_id(image_id)}:rank"
+        return PER_IMAGE_KEYS["rank_key"].format(prefix=self.prefix, image=validate_id(image_id))
 
     def seen(self, image_id: str) -> str:
-        return f"{self.prefix}:img:{validate_id(image_id)}:seen"
+        return PER_IMAGE_KEYS["seen_key"].format(prefix=self.prefix, image=validate_id(image_id))
 
     def entry(self, image_id: str, label_id: str) -> str:
-        return f"{self.prefix}:e:{validate_id(image_id)}:{validate_id(label_id, 'label id')}"
+        return PER_IMAGE_KEYS["entry_key"].format(prefix=self.prefix, image=validate_id(image_id),
+                                                  label=validate_id(label_id, "label id"))
 
-    def entry_prefix(self) -> str:
-        """What :meth:`entry` keys start with (the Lua gate builds them from it)."""
-        return f"{self.prefix}:e:"
+    def input(self, image_id: str) -> str:
+        return PER_IMAGE_KEYS["input_key"].format(prefix=self.prefix, image=validate_id(image_id))
 
     # global
     @property
@@ -149,3 +159,15 @@ class BankKeys:
         """Image id of a ``rank`` key."""
         body = key[len(f"{self.prefix}:img:"):]
         return body[: -len(":rank")]
+
+
+def lua_key_functions() -> str:
+    """`PER_IMAGE_KEYS` as Lua functions (e.g. ``rank_key(prefix, image)``), prepended to every
+    bank script so that Lua builds the same keys as `BankKeys` (tests/test_bank.py compares)."""
+    lines = []
+    for name, template in PER_IMAGE_KEYS.items():
+        parts = [part for part in re.split(r"\{(\w+)\}", template)]
+        params = parts[1::2]
+        pieces = [repr(text) if i % 2 == 0 else text for i, text in enumerate(parts) if text]
+        lines.append(f"local function {name}({', '.join(params)}) return {' .. '.join(pieces)} end")
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ else
 end
 local out = {}
 for _, img in ipairs(ids) do
-  local rank = p .. ':img:' .. img .. ':rank'
+  local rank = rank_key(p, img)
   local best = redis.call('ZRANGE', rank, 0, 0, 'WITHSCORES')
   out[#out + 1] = img
   out[#out + 1] = best[2] or false

@@ -10,8 +10,8 @@ for i = 2, #ARGV do
   if a >= n_img then a = n_img - 1 end
   local img = redis.call('ZRANGE', KEYS[1], a, a)[1]
   local set = {}
-  for _, label in ipairs(redis.call('ZRANGE', p .. ':img:' .. img .. ':rank', 0, -1)) do
-    local payload = redis.call('GET', p .. ':e:' .. img .. ':' .. label)
+  for _, label in ipairs(redis.call('ZRANGE', rank_key(p, img), 0, -1)) do
+    local payload = redis.call('GET', entry_key(p, img, label))
     if payload then set[#set + 1] = payload end
   end
   if #set > 0 then out[#out + 1] = set end

@@ -28,7 +28,12 @@ from typing import Any, Protocol
 import redis
 from qualiteacher.protos import bank_entry_pb2 as pb
 from qualiteacher.services.bank.check import check_invariants
-from qualiteacher.services.bank.keys import HIST_BINS, BankKeys, validate_id
+from qualiteacher.services.bank.keys import (
+    HIST_BINS,
+    BankKeys,
+    lua_key_functions,
+    validate_id,
+)
 from qualiteacher.services.bank.keys import as_str as _s
 from qualiteacher.services.job_status import JobStatus, JobStatusHash
 
@@ -55,7 +60,9 @@ class _Uniform(Protocol):
 
 
 def _load_lua(name: str) -> str:
-    return resources.files("qualiteacher.services.bank").joinpath(name).read_text(encoding="utf-8")
+    """A bank script, after the key builders of keys.py (the key layout's one home)."""
+    script = resources.files("qualiteacher.services.bank").joinpath(name).read_text(encoding="utf-8")
+    return lua_key_functions() + script
 
 
 # ---------------------------------------------------------------------------- the bank
@@ -116,7 +123,7 @@ class MemoryBank:
             res = self._gate(
                 keys=[k.rank(image_id), k.seen(image_id), k.idx_best, k.idx_lex, k.idx_recent,
                       k.counters, k.events, k.meta],
-                args=[image_id, self.top_k, f"{k.entry_prefix()}{image_id}:", self.events_maxlen,
+                args=[image_id, self.top_k, self.prefix, self.events_maxlen,
                       version, len(entries), *args],
             )
         except redis.ResponseError as exc:
@@ -133,7 +140,7 @@ class MemoryBank:
     def entries(self, image_id: str) -> list[pb.BankEntry]:
         """The image's bank, best first (empty if the image has none)."""
         k = self.keys
-        flat = self._entries(keys=[k.rank(image_id)], args=[f"{k.entry_prefix()}{image_id}:"])
+        flat = self._entries(keys=[k.rank(image_id)], args=[self.prefix, image_id])
         return [pb.BankEntry.FromString(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i + 1]]
 
     def labels(self, image_id: str) -> list[str]:
