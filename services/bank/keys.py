@@ -166,7 +166,7 @@ def lua_key_functions() -> str:
     bank script so that Lua builds the same keys as `BankKeys` (tests/test_bank.py compares)."""
     lines = []
     for name, template in PER_IMAGE_KEYS.items():
-        parts = [part for part in re.split(r"\{(\w+)\}", template)]
+        parts = re.split(r"\{(\w+)\}", template)
         params = parts[1::2]
         pieces = [repr(text) if i % 2 == 0 else text for i, text in enumerate(parts) if text]
         lines.append(f"local function {name}({', '.join(params)}) return {' .. '.join(pieces)} end")
