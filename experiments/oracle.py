@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ from experiments.quality.evaluate import spearman
 from experiments.quality.targets import TASKS
 from experiments.quality.tasks import stage1_models
 from experiments.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
+
+log = logging.getLogger(__name__)
 
 LEVELS = ("nr", "oracle")
 REWARDS = ("off", "nr", "oracle")
@@ -63,6 +66,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="photos: held-out photos (--n-test); regions: the unpaired photos' other halves, "
                              "a test set from the unpaired set's distribution (qualiteacher.data.samples)")
     parser.add_argument("--out", type=Path, default=Path("runs/oracle"))
+    parser.add_argument("--reuse-stage1", action="store_true",
+                        help="use the stage-1 models an earlier run left in <out>/<task> (same budget, "
+                             "split and threads) instead of pretraining again: compares cells with that run's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="tiny budget: checks that it runs")
     args = parser.parse_args(argv)
@@ -100,8 +106,7 @@ class Task:
         self.sets = make_task_sets(task, self.dir / "data", seed=cfg.seed, size=size, n_test=args.n_test,
                                    test_split=args.test_split,
                                    crops_per_image=args.crops_per_image, overwrite=True, hidden_targets=True)
-        self.stage1 = stage1_models(cfg, argparse.Namespace(budget_path=args.budget), self.overrides, self.sets,
-                                    self.dir, task)
+        self.stage1 = self._stage1(cfg, args)
         self.paired = PairedImages(self.sets["paired/input"], self.sets["paired/target"])
         unpaired = UnpairedImages(self.sets["unpaired/input"], size=size)
         hidden = {p.stem: p for p in sorted(self.sets[HIDDEN_SPLIT].iterdir())}
@@ -115,6 +120,14 @@ class Task:
         self.nr_ensemble = IQAEnsemble.from_config(self.cfg)
         self.oracle_scale = fit_oracle_scale(teacher, self.inputs, self.hidden_gt, tuple(cfg.labelling.augmentations))
         self.oracle_taus = self._oracle_thresholds(teacher)
+
+    def _stage1(self, cfg, args: argparse.Namespace) -> dict[str, Path]:
+        files = {"baseline": self.dir / "pretrain.pt", "qualiteacher": self.dir / "pretrain_conditioned.pt"}
+        if args.reuse_stage1 and all(f.is_file() for f in files.values()):
+            log.info("[%s] reusing the stage-1 models in %s", self.name, self.dir)
+            return files
+        return stage1_models(cfg, argparse.Namespace(budget_path=args.budget), self.overrides, self.sets,
+                             self.dir, self.name)
 
     def stage1_model(self, cfg, conditioned: bool):
         from qualiteacher.checkpoint import load_restorer

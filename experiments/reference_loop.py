@@ -31,7 +31,7 @@ from qualiteacher.method.augment import multi_aug_pseudo_labels
 from qualiteacher.method.bank_batch import BankLabel, assemble_bank_batch
 from qualiteacher.method.ema import EMA
 from qualiteacher.method.gating import Scored, gate
-from qualiteacher.method.judge import Verdict, decide, judge, ladder_levels, scored_rungs
+from qualiteacher.method.judge import Verdict, best_label_ladders, decide, judge, ladder_levels, scored_rungs
 from qualiteacher.method.ladder import ladder_rungs
 from qualiteacher.models.injection import injection_snapshot
 from qualiteacher.student_step import StepContext, gradients_finite, step_losses
@@ -168,12 +168,16 @@ class ReferenceLoop:
 
     def _ladders(self, x, labels, verdict: Verdict, gt) -> list[tuple]:
         """Per image, (blend, level) of the rungs of its best label of this round, as the
-        scorer makes them (`ladder_rungs`, scored by the same judge, unscorable rungs left
-        out). Every image's rungs are scored, not only the kept sets': the metrics' numbers
+        scorer makes them (by construction, or scored by the same judge with unscorable rungs
+        left out: `labelling.ladder_levels`). Every image's rungs are scored, not only the kept sets': the metrics' numbers
         depend slightly on the batch, and this is the batch the loop's results were made with."""
         alphas = tuple(self.cfg.labelling.ladder)
         if not alphas:
             return [()] * x.shape[0]
+        if self.cfg.labelling.ladder_levels == "constructed":
+            rows = range(x.shape[0])
+            ladders = best_label_ladders(verdict, alphas, self.cfg.model.score_cap, rows)
+            return [tuple(ladders[i].items()) for i in rows]
         best = labels[torch.arange(labels.shape[0]), verdict.best]
         levels = self.judge.ladder(x, best, alphas, gt)
         return [tuple(scored_rungs(alphas, row).items()) for row in levels]

@@ -331,9 +331,13 @@ class LabellingConfig(Strict):
     # Side of the (centre-cropped, resized) images that are labelled; None keeps sizes as they are.
     image_size: int | None = Field(128, ge=32, le=4096)
     # Condition ladder (not in the paper; qualiteacher/method/ladder.py): blend weights a in
-    # [0, 1) of extra labels a * best PL + (1 - a) * input, scored and trained at their own
-    # levels, so the condition sees quality vary within an image. Empty: off.
+    # [0, 1) of extra labels a * best PL + (1 - a) * input, trained at their own levels
+    # (`ladder_levels`), so the condition sees quality vary within an image. Empty: off.
     ladder: list[float] = Field(default_factory=list, max_length=8)
+    # A rung's level: "constructed" = a x its label's (capped) level, input at 0, always below
+    # its label; "scored" = the scorer's level of the blend. The offline NR metrics put 22-40 %
+    # of the raw inputs at the cap beside their labels (qualiteacher/method/ladder.py).
+    ladder_levels: Literal["constructed", "scored"] = "constructed"
 
     @field_validator("ladder")
     @classmethod

@@ -24,7 +24,7 @@ from qualiteacher.services.redis_server import redis_client
 
 from qualiteacher.config import Config
 from qualiteacher.iqa.ensemble import IQAEnsemble
-from qualiteacher.method.judge import Verdict, judge, ladder_levels, scored_rungs
+from qualiteacher.method.judge import Verdict, best_label_ladders, judge, ladder_levels, scored_rungs
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,14 @@ class ScorerWorker:
         return report.to_dict()
 
     def _ladders(self, image_ids: list[str], labels: torch.Tensor, verdict: Verdict) -> dict[int, dict[float, float]]:
-        """Per kept image, blend weight -> level of its best label's rungs (`ladder_levels`);
-        {} with no ladder. An image whose input is not in Redis (or not of its labels' size)
-        gets none."""
+        """Per kept image, blend weight -> level of its best label's rungs (by construction,
+        or scored: `labelling.ladder_levels`); {} with no ladder. Scored, an image whose input
+        is not in Redis (or not of its labels' size) gets none."""
         alphas = self.cfg.labelling.ladder
         if not alphas or not verdict.kept:
             return {}
+        if self.cfg.labelling.ladder_levels == "constructed":
+            return best_label_ladders(verdict, alphas, self.cfg.model.score_cap, verdict.kept)
         inputs = self.inputs.get_many(image_ids[i] for i in verdict.kept)
         rows = [i for i in verdict.kept
                 if image_ids[i] in inputs and inputs[image_ids[i]].shape[:2] == labels.shape[-2:]]

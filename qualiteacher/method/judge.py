@@ -4,8 +4,9 @@ For N images with K labels each (float (N, K, 3, H, W) in [0, 1]), `judge` gives
 `Verdict`: each label's ensemble score (its level, 0-10), per-metric scores, whether the
 image's set survives the dual drop (`qualiteacher.method.drop`) and why not, its best
 label, the block weights of the kept sets' labels and the reward-scale quality of each
-set's poorest label (q_min). `ladder_levels` scores the condition ladder's rungs
-(`qualiteacher.method.ladder`) of the best labels.
+set's poorest label (q_min). `best_label_ladders` gives the condition ladder's rungs
+(`qualiteacher.method.ladder`) of the best labels their levels by construction,
+`ladder_levels` scores them (`labelling.ladder_levels`).
 
 Two users, one rule: the scorer actor (`services/scorer.py`) decodes bytes, calls these
 and stores what they decide; the in-process reference loop (`experiments/reference_loop.py`)
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from qualiteacher.method.drop import NON_FINITE, drop_counts, dual_drop
-from qualiteacher.method.ladder import ladder_rungs
+from qualiteacher.method.ladder import constructed_levels, ladder_rungs
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
@@ -119,6 +120,13 @@ def kept_block_weights(ensemble, flat: torch.Tensor, kept: list[int], k: int, gr
     rows = [i * k + j for i in kept for j in range(k)]
     weights = ensemble.block_weights(flat[rows], grid, floor)
     return dict(zip(kept, weights.reshape(len(kept), k, *weights.shape[1:])))
+
+
+def best_label_ladders(verdict: Verdict, alphas: Sequence[float], cap: float,
+                       rows: Sequence[int]) -> dict[int, dict[float, float]]:
+    """Row -> blend weight -> level of the rungs of that set's best label, by construction
+    (`labelling.ladder_levels: constructed`): no scoring, so no input is needed here."""
+    return {i: constructed_levels(alphas, float(verdict.levels[i, verdict.best[i]]), cap) for i in rows}
 
 
 def ladder_levels(ensemble, inputs: torch.Tensor, best_labels: torch.Tensor,
