@@ -15,8 +15,8 @@ from qualiteacher.config import load_config
 from qualiteacher.imageio import read_image, to_tensor
 from qualiteacher.iqa.ensemble import IQAEnsemble
 from qualiteacher.method import drop
-from qualiteacher.method.judge import decide, judge, ladder_levels, scored_rungs
-from qualiteacher.method.ladder import ladder_rungs
+from qualiteacher.method.judge import best_label_ladders, decide, judge, ladder_levels, scored_rungs
+from qualiteacher.method.ladder import constructed_levels, ladder_rungs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,18 @@ def test_ladder_levels_score_the_rungs_of_the_best_labels(offline_ensemble, labe
     torch.testing.assert_close(levels.flatten(), expected)
     # The rung at 0 is the input itself.
     torch.testing.assert_close(levels[:, 0], offline_ensemble.score(inputs).ensemble10, rtol=1e-3, atol=1e-3)
+
+
+def test_constructed_rungs_sit_below_their_label_with_the_input_at_zero(verdict, cfg):
+    """`labelling.ladder_levels: constructed`: a x the best label's capped level, so the order
+    input < blend < label holds whatever a metric would say of the blends."""
+    ladders = best_label_ladders(verdict, (0.0, 0.5, 0.75), cfg.model.score_cap, verdict.kept)
+    assert set(ladders) == set(verdict.kept)
+    for i, rungs in ladders.items():
+        top = min(float(verdict.levels[i, verdict.best[i]]), cfg.model.score_cap)
+        assert rungs == pytest.approx({0.0: 0.0, 0.5: 0.5 * top, 0.75: 0.75 * top})
+        assert list(rungs.values()) == sorted(rungs.values()) and max(rungs.values()) < top
+    assert constructed_levels((0.5,), 9.3, 7.0) == {0.5: 3.5}  # the label's level is capped first
 
 
 def test_a_rung_without_a_finite_level_is_left_out():

@@ -181,23 +181,49 @@ def test_concurrent_scorers_match_serial_gating(ray_cluster, weights_dir, redis_
         ray.kill(actor)
 
 
+def _ladder_sets(rng):
+    """Two images' inputs and label sets of three distinct levels."""
+    inputs = rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8)
+    smooth = np.linspace(0, 255, 96)[None, :, None] * np.ones((96, 1, 3))
+    pls = np.stack([np.stack([(w * img + (1 - w) * smooth).astype(np.uint8) for w in (0.2, 0.5, 0.8)])
+                    for img in inputs])
+    return inputs, pls
+
+
+def test_scorer_gives_the_best_labels_rungs_levels_by_construction(weights_dir, redis_url):
+    """The default `labelling.ladder_levels: constructed`: the best label of each kept set
+    carries rungs at a x its capped level (the input at 0, every rung below its label), with
+    no input needed in Redis; the other labels carry none."""
+    from qualiteacher.services.scorer import ScorerWorker
+
+    cfg = _cfg("ladder-built", "drop.enabled=false", "redis.prefix=ladderc", "labelling.ladder=[0.0, 0.5]")
+    assert cfg.labelling.ladder_levels == "constructed"
+    ids = ["ladc0", "ladc1"]
+    _, pls = _ladder_sets(np.random.default_rng(5))
+    ScorerWorker(cfg.model_dump(mode="json"), redis_url).process(ids, pls, np.ones(2, bool), 0)
+    bank = MemoryBank(redis_client(redis_url), "ladderc", 3)
+    for image_id in ids:
+        entries = bank.entries(image_id)
+        assert [list(e.ladder_alphas) for e in entries] == [[0.0, 0.5], [], []]  # best first
+        best = entries[0]
+        assert list(best.ladder_levels) == pytest.approx([0.0, 0.5 * min(best.ensemble, 7.0)], abs=1e-6)
+        assert max(best.ladder_levels) < min(best.ensemble, 7.0)
+
+
 def test_scorer_stores_the_condition_ladder_of_each_sets_best_label(weights_dir, redis_url):
-    """With `labelling.ladder`, the best label of each kept set carries its rungs' levels:
-    the ensemble score of a * label + (1 - a) * input, the input read from Redis; a=0 is the
-    input itself. The other labels carry none."""
+    """With `labelling.ladder` and `ladder_levels: scored`, the best label of each kept set
+    carries its rungs' levels: the ensemble score of a * label + (1 - a) * input, the input
+    read from Redis; a=0 is the input itself. The other labels carry none."""
     import torch
     from qualiteacher.services.bank.inputs import InputStore
     from qualiteacher.services.scorer import ScorerWorker
 
     from qualiteacher.iqa.ensemble import IQAEnsemble
 
-    cfg = _cfg("ladder-test", "drop.enabled=false", "redis.prefix=ladder", "labelling.ladder=[0.0, 0.5]")
-    rng = np.random.default_rng(5)
+    cfg = _cfg("ladder-test", "drop.enabled=false", "redis.prefix=ladder", "labelling.ladder=[0.0, 0.5]",
+               "labelling.ladder_levels=scored")
     ids = ["lad0", "lad1"]
-    inputs = rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8)
-    smooth = np.linspace(0, 255, 96)[None, :, None] * np.ones((96, 1, 3))
-    pls = np.stack([np.stack([(w * img + (1 - w) * smooth).astype(np.uint8) for w in (0.2, 0.5, 0.8)])
-                    for img in inputs])
+    inputs, pls = _ladder_sets(np.random.default_rng(5))
     client = redis_client(redis_url)
     InputStore(client, "ladder").put_many(dict(zip(ids, inputs)))
     ScorerWorker(cfg.model_dump(mode="json"), redis_url).process(ids, pls, np.ones(2, bool), 0)
@@ -224,8 +250,8 @@ def test_scorer_stores_the_core_judges_verdict(weights_dir, redis_url):
     from qualiteacher.iqa.ensemble import IQAEnsemble
     from qualiteacher.method.judge import judge, ladder_levels, scored_rungs
 
-    cfg = _cfg("judge-test", "redis.prefix=judge", "labelling.ladder=[0.0, 0.5]", "drop.tau_multi=1",
-               "drop.tau_aug=1")
+    cfg = _cfg("judge-test", "redis.prefix=judge", "labelling.ladder=[0.0, 0.5]", "labelling.ladder_levels=scored",
+               "drop.tau_multi=1", "drop.tau_aug=1")
     ids, pls = _fake_sets(3, seed=7)
     pls[:, 1] = np.clip(pls[:, 1].astype(int) + 40, 0, 255)  # three labels of distinct levels
     pls[:, 2] = pls[:, 2] // 2
