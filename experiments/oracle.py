@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", default="haze", help=f"comma-separated, or 'all' ({', '.join(TASKS)})")
     parser.add_argument("--cells", default="all",
                         help="comma-separated level:reward cells (e.g. oracle:off,nr:nr), or 'all' (the six)")
-    parser.add_argument("--seeds", type=int, default=3, help="student runs per cell (seeds 0..N-1)")
+    parser.add_argument("--seeds", type=int, default=3, help="student runs per cell (seeds F..F+N-1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="F: the first seed (to add seeds to a run)")
     parser.add_argument("--ladder", default="",
                         help="labelling.ladder blends, e.g. 0,0.5 (not in the paper; default: the budget's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
@@ -86,6 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.fast:
         args.overrides = list(FAST_OVERRIDES) + args.overrides
         args.crops_per_image, args.seeds = 2, 1
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     return args
 
 
@@ -336,11 +338,11 @@ def run_task(task_name: str, args: argparse.Namespace) -> dict:
     res: dict = {"teacher": teacher_result(task), "test_images": int(task.test_x.shape[0]), "cells": {},
                  "oracle_scale": task.oracle_scale.to_json(), "runs": {}}
     if not args.no_baseline:
-        res["baseline"] = summarise([run_baseline(task, seed) for seed in range(args.seeds)])
+        res["baseline"] = summarise([run_baseline(task, seed) for seed in args.seed_list])
     for level, reward in args.cell_list:
         cell = f"{level}:{reward}"
         runs = []
-        for seed in range(args.seeds):
+        for seed in args.seed_list:
             runs.append(run_cell(task, level, reward, seed))
             r = runs[-1]
             sweep = " ".join(f"{p['psnr']:.1f}" for p in r["sweep"])
@@ -369,7 +371,7 @@ def _main(args: argparse.Namespace, argv) -> dict:
     oracle_cells = [(t, c) for t, r in tasks.items() for c, s in r["cells"].items() if c.startswith("oracle:")]
     controllable = sum(tasks[t]["cells"][c]["spearman_psnr"]["mean"] >= TARGET_SPEARMAN for t, c in oracle_cells)
     results = {"command": "python -m experiments.oracle " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "fast": args.fast, "machine": machine_line(), "ladder": args.ladder_alphas, "seeds": args.seeds,
+               "fast": args.fast, "machine": machine_line(), "ladder": args.ladder_alphas, "seeds": args.seed_list,
                "test_split": args.test_split, "tasks": tasks, "controllable_oracle_cells": controllable,
                "elapsed_s": round(time.perf_counter() - started, 1)}
     (args.out / "oracle.json").write_text(json.dumps(results, indent=2) + "\n")
