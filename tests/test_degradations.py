@@ -340,9 +340,9 @@ def test_degrade_cli_writes_same_names_and_reports_bad_files(tmp_path):
 def test_regions_split_tests_on_the_unpaired_photos_other_halves(tmp_path: Path) -> None:
     """test_split="regions": the test set comes from the unpaired photos, never from their
     pixels the unpaired set crops, and with names (hence degradations) of its own."""
-    from qualiteacher.data.samples import load_sample, photo_half
+    from qualiteacher.data.samples import load_sample, photo_half, test_photo_count
 
-    dirs = make_task_sets("underwater", tmp_path / "sets", seed=1, size=32, crops_per_image=2,
+    dirs = make_task_sets("underwater", tmp_path / "sets", seed=1, size=32, n_test=3, crops_per_image=2,
                           hidden_targets=True, test_split="regions")
     groups = split_names(0)
 
@@ -351,6 +351,7 @@ def test_regions_split_tests_on_the_unpaired_photos_other_halves(tmp_path: Path)
 
     assert photos("test/input") == photos("unpaired/input") == set(groups["unpaired"])
     assert photos("paired/input") == set(groups["paired"])
+    assert len(list(dirs["test/input"].iterdir())) == test_photo_count(3, "regions") * 2  # n_test ignored
     test_names = {p.name for p in dirs["test/input"].iterdir()}
     assert test_names.isdisjoint(p.name for p in dirs["unpaired/input"].iterdir())
     assert all(n.rsplit("_", 1)[1].startswith("t") for n in test_names)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from benchmarks.common import repo_root
 from experiments.quality.targets import TASKS
+from qualiteacher.data.samples import TEST_SPLITS, test_photo_count
 
 FULL_SWEEP = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
 FAST_SWEEP = (0.0, 3.5, 7.0)
@@ -50,6 +51,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     # 3 photos x 8 crops = 24 test images: with 8 (2 x 4) two runs of one setting differed
     # by 0.75 dB, more than most of the differences the benchmark is there to show.
     parser.add_argument("--n-test", type=int, default=3, help="source photos held out for the test set (default 3)")
+    parser.add_argument("--test-split", choices=TEST_SPLITS, default="photos",
+                        help="photos: held-out photos (--n-test of them); regions: the other halves of the "
+                             "unpaired photos, the training inputs' own distribution (5 photos; ignores --n-test)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of this process (pretraining, restoring, scoring; default 1: "
                              "on a busy 2-core machine 2 threads can be several times slower)")
@@ -96,4 +100,5 @@ def budget_info(args: argparse.Namespace) -> dict:
             "bank_batch_size": cfg.train.bank_batch_size, "crop_size": cfg.data.crop_size,
             "width": cfg.model.width, "metrics": cfg.iqa.metrics, "use_gpu": cfg.train.use_gpu,
             "image_size": cfg.labelling.image_size, "crops_per_image": args.crops, "n_test": args.n_test,
-            "test_images": args.n_test * args.crops, "sweep": args.sweep_scores}
+            "test_split": args.test_split,
+            "test_images": test_photo_count(args.n_test, args.test_split) * args.crops, "sweep": args.sweep_scores}

@@ -77,7 +77,8 @@ def prepare_task(task: str, args: argparse.Namespace, task_dir: Path, overrides:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sets = make_task_sets(task, task_dir / "data", seed=base_cfg.seed, size=base_cfg.labelling.image_size or 128,
-                          n_test=args.n_test, crops_per_image=args.crops, overwrite=True)
+                          n_test=args.n_test, crops_per_image=args.crops, overwrite=True,
+                          test_split=args.test_split)
     timings["data"] = time.perf_counter() - t0
     print(f"[{task}] sets in {task_dir / 'data'}: "
           + ", ".join(f"{k} {len(list(v.iterdir()))}" for k, v in sets.items()), flush=True)

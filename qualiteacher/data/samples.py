@@ -172,6 +172,11 @@ def _split_plan(n_test: int, test_split: str) -> list[tuple[str, str, str, int |
                for name in groups["unpaired"]])
 
 
+def test_photo_count(n_test: int, test_split: str) -> int:
+    """How many source photos the test set is cut from (each gives ``crops_per_image`` images)."""
+    return sum(group == "test" for group, *_ in _split_plan(n_test, test_split))
+
+
 def make_task_sets(
     task: str,
     out_dir: str | os.PathLike[str],
