@@ -35,6 +35,7 @@ from qualiteacher.config import Config, ConfigError
 from qualiteacher.fileio import atomic_write_json
 from qualiteacher.flat_weights import flatten
 from qualiteacher.run_dir import TRAIN_RUN_NAME, RunDir
+from qualiteacher.run_settings import check_run_settings
 
 log = logging.getLogger("qualiteacher.train")
 
@@ -294,6 +295,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     preflight(cfg)
     run_folder = RunDir(run_dir)
     run_folder.root.mkdir(parents=True, exist_ok=True)
+    check_run_settings(cfg, run_folder)  # a run folder resumes only the run it holds
     torch.manual_seed(cfg.seed)
     with ExitStack() as stack:
         redis_url, embedded = resolve_redis(cfg.redis.url, run_folder.redis)

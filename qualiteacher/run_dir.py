@@ -6,6 +6,7 @@
         data/<split>/                     bundled task sets (paired/input, unpaired/input, test/...)
         pretrain.pt                       the stage-1 teacher, when the run pretrains it
         calibration.json                  fitted IQA ranges and drop thresholds
+        settings.json                     the method settings it started with (run_settings.py)
         redis/                            the embedded Redis server's files (AOF)
         ray_train/student/checkpoint_*/   Ray Train's checkpoints, each a training-state folder:
             state.pt                          the state (authoritative)
@@ -105,6 +106,10 @@ class RunDir:
 
     def restored(self, name: str) -> Path:
         return self.root / "restored" / name
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
 
     @property
     def summary(self) -> Path:
