@@ -82,7 +82,8 @@ def prepare_data(cfg: Config, run_folder: RunDir) -> dict[str, Path]:
     sets = {split: run_folder.data_split(split) for split in SPLITS}
     if not all(p.is_dir() and any(p.iterdir()) for p in sets.values()):
         # Deterministic in (task, seed): a resumed run finds the same sets already there.
-        sets = make_task_sets(d.task, run_folder.data, seed=cfg.seed, size=cfg.labelling.image_size or 128, overwrite=True)
+        sets = make_task_sets(d.task, run_folder.data, seed=cfg.seed, size=cfg.labelling.image_size or 128,
+                              overwrite=True, test_split=d.bundled_test_split)
     return {"paired_input": sets["paired/input"], "paired_target": sets["paired/target"],
             "unpaired": sets["unpaired/input"], "test_input": sets["test/input"],
             "test_target": sets["test/target"]}

@@ -261,6 +261,9 @@ class DataConfig(Strict):
     paired_input_dir: Path | None = None
     paired_target_dir: Path | None = None
     unpaired_dir: Path | None = None
+    # The bundled samples' test set (qualiteacher/data/samples.py): "photos" holds out whole
+    # photos; "regions" the other halves of the unpaired photos, the training inputs' own kind.
+    bundled_test_split: Literal["photos", "regions"] = "photos"
     max_image_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard")
 
 

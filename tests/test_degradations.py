@@ -377,3 +377,19 @@ def test_photos_split_is_unchanged_by_the_regions_option(tmp_path: Path) -> None
             digest.update(path.name.encode())
             digest.update(read_image(path).tobytes())
     assert digest.hexdigest() == "933a13277047a4505845f0c2f284ba1b5c23cf865cb436f191536aae315568e7"
+
+
+def test_the_jobs_bundled_sets_follow_data_bundled_test_split(tmp_path: Path) -> None:
+    """The quickstart tests on the unpaired photos' other halves (`data.bundled_test_split`)."""
+    from qualiteacher.config import load_config
+    from qualiteacher.data.samples import test_photo_count
+    from qualiteacher.pipelines.train import prepare_data
+    from qualiteacher.run_dir import RunDir
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs/quickstart.yaml", ["labelling.image_size=32"])
+    assert cfg.data.bundled_test_split == "regions"
+    sets = prepare_data(cfg, RunDir(tmp_path))
+    names = sorted(p.name for p in sets["test_input"].iterdir())
+    assert len(names) == test_photo_count(0, "regions") * 4
+    assert all(n.rsplit("_", 1)[1].startswith("t") for n in names)  # the held-out halves' own names
