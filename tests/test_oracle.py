@@ -77,3 +77,14 @@ def test_factorial_fast_runs_and_reports(tmp_path, capsys, weights_dir):
     assert (tmp_path / "oracle.md").read_text().count("| oracle | off |") == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert parse_result(last).name == "oracle_controllable_cells"
+
+
+def test_ladder_probe_fast_counts_rungs_at_the_cap(tmp_path, capsys, weights_dir):
+    from experiments import ladder_probe
+
+    assert ladder_probe.main(["--tasks", "haze", "--out", str(tmp_path), "--fast"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| haze |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[1]) > 0 and all(c.endswith("%") for c in cells[2:5])
+    slots, rungs = cells[5].rstrip(")").split(" (")
+    assert 0 <= int(rungs) <= int(slots)
