@@ -88,3 +88,13 @@ def test_ladder_probe_fast_counts_rungs_at_the_cap(tmp_path, capsys, weights_dir
     assert int(cells[1]) > 0 and all(c.endswith("%") for c in cells[2:5])
     slots, rungs = cells[5].rstrip(")").split(" (")
     assert 0 <= int(rungs) <= int(slots)
+
+
+def test_bank_drift_fast_follows_every_labelling_round(tmp_path, capsys, weights_dir):
+    from experiments import bank_drift
+
+    assert bank_drift.main(["--task", "haze", "--out", str(tmp_path), "--fast"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [0, 1]  # fast: 6 steps, a round every 3
+    first = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert int(first[2]) > 0 and int(first[5]) == int(first[2])  # round 0: every label is the stage-1 teacher's
