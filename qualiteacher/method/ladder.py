@@ -1,10 +1,11 @@
 """The condition ladder (not in the paper): labels that span quality within one image.
 
 A rung is a blend of an image's best label of a labelling round with its degraded input,
-a * label + (1 - a) * input, trained at its own level beside the bank's labels. Why: the score condition has to learn that a higher
-score means a better restoration *of the same image*, yet the three labels of one image
-differ by less than one level, while levels differ across images mostly by how degraded
-the image is (a lightly hazed photo gets a high level for a light restoration). Measured
+a * label + (1 - a) * input, trained at its own level beside the bank's labels. Why: the
+score condition has to learn that a higher score means a better restoration *of the same
+image*, yet the three labels of one image differ by less than one level, while levels
+differ across images mostly by how degraded the image is (a lightly hazed photo gets a high
+level for a light restoration). Measured
 with oracle levels (experiments/QUALITY.md, oracle factorial): without rungs the condition
 learns the confound and Spearman(condition, PSNR) is negative; with them it follows quality.
 
@@ -19,9 +20,9 @@ A rung's level (`labelling.ladder_levels`):
   (`qualiteacher.method.judge.ladder_levels`), as before; for a metric that ranks blends.
 
 One rule, three users: the scorer gives the rungs of each kept set's best label their
-levels (`rung_levels` or `ladder_levels`; the reference loop the same), the bank stores
-(alpha, level) pairs with that label, and the student rebuilds the rungs on its crop
-(blending commutes with cropping) in `assemble_bank_batch`.
+levels (`judge.best_label_ladders` or `judge.ladder_levels`; the reference loop the same),
+the bank stores (alpha, level) pairs with that label, and the student rebuilds the rungs on
+its crop (blending commutes with cropping) in `assemble_bank_batch`.
 """
 
 from __future__ import annotations
