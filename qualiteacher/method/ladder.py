@@ -5,9 +5,9 @@ a * label + (1 - a) * input, trained at its own level beside the bank's labels. 
 score condition has to learn that a higher score means a better restoration *of the same
 image*, yet the three labels of one image differ by less than one level, while levels
 differ across images mostly by how degraded the image is (a lightly hazed photo gets a high
-level for a light restoration). Measured
-with oracle levels (experiments/QUALITY.md, oracle factorial): without rungs the condition
-learns the confound and Spearman(condition, PSNR) is negative; with them it follows quality.
+level for a light restoration). Measured with oracle levels (experiments/QUALITY.md,
+oracle factorial): without rungs the condition learns the confound and Spearman(condition,
+PSNR) is negative; with them it follows quality.
 
 A rung's level (`labelling.ladder_levels`):
 - "constructed" (default): a times its label's level (capped), so the input is level 0 and
