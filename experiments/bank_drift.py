@@ -49,14 +49,15 @@ class FollowedLoop(ReferenceLoop):
     @torch.no_grad()
     def label_all(self, teacher, version: int) -> None:
         super().label_all(teacher, version)
-        rows = [(int(e.label_id.split(".v")[1].split(".")[0]),
-                 float(psnr(from_uint8(e.label.image)[None], self.gt[i:i + 1])), e.score)
+        # label ids are "{image}.v{version}.{augmentation}" (ReferenceLoop._gate)
+        rows = [(f"{image_id}.v0." in e.label_id, float(psnr(from_uint8(e.label.image)[None], self.gt[i:i + 1])),
+                 e.score)
                 for i, image_id in enumerate(self.ids) for e in self.bank.get(image_id, [])]
         teacher_db = float(psnr(teacher(self.inputs, self.cfg.model.score_cap).clamp(0, 1), self.gt).mean())
         self.rounds.append({"version": version, "teacher_psnr": teacher_db, "labels": len(rows),
                             "label_psnr": float(np.mean([r[1] for r in rows])) if rows else float("nan"),
                             "label_level": float(np.mean([r[2] for r in rows])) if rows else float("nan"),
-                            "from_stage1": sum(r[0] == 0 for r in rows)})
+                            "from_stage1": sum(r[0] for r in rows)})
 
 
 def report(args: argparse.Namespace) -> int:

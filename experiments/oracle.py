@@ -37,7 +37,7 @@ from experiments.common import fmt, with_threads
 from experiments.oracle_scorer import OracleReward, OracleScorer
 from experiments.quality.evaluate import spearman
 from experiments.quality.targets import TASKS
-from experiments.quality.tasks import stage1_models
+from experiments.quality.tasks import stage1_files, stage1_models
 from experiments.reference_loop import NRJudge, OracleJudge, ReferenceLoop, fit_oracle_scale, from_uint8, to_uint8
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Task:
         self.oracle_taus = self._oracle_thresholds(teacher)
 
     def _stage1(self, cfg, args: argparse.Namespace) -> dict[str, Path]:
-        files = {"baseline": self.dir / "pretrain.pt", "qualiteacher": self.dir / "pretrain_conditioned.pt"}
+        files = stage1_files(self.dir)
         if args.reuse_stage1 and all(f.is_file() for f in files.values()):
             log.info("[%s] reusing the stage-1 models in %s", self.name, self.dir)
             return files

@@ -169,8 +169,9 @@ class ReferenceLoop:
     def _ladders(self, x, labels, verdict: Verdict, gt) -> list[tuple]:
         """Per image, (blend, level) of the rungs of its best label of this round, as the
         scorer makes them (by construction, or scored by the same judge with unscorable rungs
-        left out: `labelling.ladder_levels`). Every image's rungs are scored, not only the kept sets': the metrics' numbers
-        depend slightly on the batch, and this is the batch the loop's results were made with."""
+        left out: `labelling.ladder_levels`). Scored, every image's rungs are scored, not only
+        the kept sets': the metrics' numbers depend slightly on the batch, and this is the
+        batch the loop's results were made with."""
         alphas = tuple(self.cfg.labelling.ladder)
         if not alphas:
             return [()] * x.shape[0]

@@ -39,7 +39,7 @@ def method_settings(cfg: Config) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and not (prefix.endswith((".metrics", ".ranges", ".reward_metrics"))):
+        if isinstance(value, dict) and value:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, item)
         elif prefix not in OPERATIONAL and not any(prefix.startswith(p + ".") for p in OPERATIONAL):

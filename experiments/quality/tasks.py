@@ -141,6 +141,11 @@ def _existing_runs(task_dir: Path):
     return sets, stage1, runs, timings
 
 
+def stage1_files(task_dir: Path) -> dict[str, Path]:
+    """Where `stage1_models` writes the two stage-1 files of a task folder."""
+    return {"baseline": task_dir / "pretrain.pt", "qualiteacher": task_dir / "pretrain_conditioned.pt"}
+
+
 def stage1_models(base_cfg, args: argparse.Namespace, overrides: list[str], sets: dict[str, Path],
                   task_dir: Path, task: str) -> dict[str, Path]:
     """One stage-1 model for both students: {"baseline": file, "qualiteacher": file}.
@@ -161,10 +166,11 @@ def stage1_models(base_cfg, args: argparse.Namespace, overrides: list[str], sets
     from qualiteacher.imageio import list_images, read_image, to_tensor
 
     backbone_cfg = load_config(args.budget_path, overrides + ["model.score_condition=false"])
-    stage1 = task_dir / "pretrain.pt"
+    files = stage1_files(task_dir)
+    stage1 = files["baseline"]
     pretrain(backbone_cfg, sets["paired/input"], sets["paired/target"], stage1,
              log=lambda m: log.info("[%s] %s", task, m))
-    conditioned = task_dir / "pretrain_conditioned.pt"
+    conditioned = files["qualiteacher"]
     model, _ = load_restorer(stage1, model_cfg=base_cfg.model)
     save_model_file(conditioned, model, base_cfg.model,
                     extra={"stage": "pretrain", "backbone": stage1.name, "task": task})
@@ -174,4 +180,4 @@ def stage1_models(base_cfg, args: argparse.Namespace, overrides: list[str], sets
         diff = (backbone(x, base_cfg.model.score_cap) - model(x, base_cfg.model.score_cap)).abs().max().item()
     if diff > 1e-5:
         raise RuntimeError(f"the conditioned stage-1 copy differs from the backbone by {diff}")
-    return {"baseline": stage1, "qualiteacher": conditioned}
+    return files
