@@ -34,7 +34,7 @@ from qualiteacher.method.gating import Scored, gate
 from qualiteacher.method.judge import Verdict, best_label_ladders, decide, judge, ladder_levels, scored_rungs
 from qualiteacher.method.ladder import ladder_rungs
 from qualiteacher.models.injection import injection_snapshot
-from qualiteacher.student_step import StepContext, gradients_finite, step_losses
+from qualiteacher.student_step import StepContext, gradients_finite, step_losses, student_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class ReferenceLoop:
         ctx = StepContext(device=torch.device("cpu"), rng=rng, gen=torch.Generator().manual_seed(seed),
                           reward=self.reward,
                           initial_injection=injection_snapshot(model) if cfg.model.score_condition else None)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        opt = student_optimizer(cfg, model)
         ema = self.ema = EMA(model, cfg.ema.decay)
         for step in range(cfg.train.steps):
             if step % cfg.train.push_every == 0:

@@ -360,6 +360,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(4, ge=1, description="paired samples per worker and step")
     bank_batch_size: int = Field(4, ge=1, description="bank images per worker and step, each with all its PLs")
     lr: float = Field(2e-4, gt=0)
+    # The backbone's learning rate as a share of `lr` (the injection layers train at `lr`):
+    # 1 trains the whole student alike, as the paper; below 1 the condition is learnt mostly
+    # by the injection and the backbone keeps its stage-1 restoration (student_optimizer).
+    backbone_lr_scale: float = Field(1.0, ge=0, le=1)
     push_every: int = Field(10, ge=1, description="steps between EMA pushes to the teachers")
     checkpoint_every: int = Field(20, ge=1)
     # The student waits (at most this long) for the first bank entries before training on them.
@@ -394,6 +398,7 @@ BASELINE: dict[str, tuple[Any, str]] = {
     "drop.enabled": (False, "the baseline has no dual drop"),
     "loss.preference.enabled": (False, "the baseline has no preference loss (Eq. 8)"),
     "loss.consistency.enabled": (False, "the baseline has no consistency loss (Eq. 9)"),
+    "train.backbone_lr_scale": (1.0, "the baseline has no injection layers: its whole network trains at train.lr"),
 }
 
 
@@ -454,6 +459,15 @@ class Config(Strict):
             section, name = _field(baseline, dotted)
             setattr(section, name, copy.deepcopy(value))
         return baseline
+
+    @model_validator(mode="after")
+    def _backbone_scale_has_injection(self) -> Config:
+        """`train.backbone_lr_scale` splits the student into injection layers and backbone; a
+        student without a score condition has no injection layers to split off."""
+        if self.train.backbone_lr_scale != 1.0 and not self.model.score_condition:
+            raise ValueError(f"train.backbone_lr_scale={self.train.backbone_lr_scale} needs "
+                             "model.score_condition=true (without it every weight is backbone)")
+        return self
 
     @model_validator(mode="after")
     def _consistency_has_a_crop(self) -> Config:

@@ -26,7 +26,7 @@ from qualiteacher.losses.consistency import cropped_consistency_loss
 from qualiteacher.losses.pixel import block_weighted_l1, l1
 from qualiteacher.losses.preference import RewardFn, preference_terms, sample_low_scores
 from qualiteacher.method.bank_batch import BankBatch
-from qualiteacher.models.injection import restore_conditions
+from qualiteacher.models.injection import injection_parameters, restore_conditions, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,27 @@ class StepContext:
     # without a score condition.
     initial_injection: dict[str, Tensor] | None = None
     perceptual: PerceptualFn | None = None  # `perceptual_fn`; None where its weight is 0
+
+
+def student_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Adam:
+    """Adam over the student: the injection layers at `train.lr`, the backbone at
+    `train.lr * train.backbone_lr_scale`.
+
+    Why a scale: most of a bank batch asks for less restoration than the teacher gives (the
+    ladder's rungs, the lower labels). At one rate the shared backbone moved to restore less
+    at every condition and the injection at 7 made up for it; on low light the student's
+    backbone with its stage-1 injection gave 13.1 dB, the stage-1 backbone with the
+    student's injection 15.7, the two together 15.2 against the teacher's 15.3
+    (docs/ARCHITECTURE.md, "Score injection"; experiments/QUALITY.md).
+    """
+    model = unwrap(model)
+    if not cfg.model.score_condition:  # no injection layers (the config allows no scale then)
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    injection_ids = {id(p) for p in injection_parameters(model).values()}
+    injection = [p for p in model.parameters() if id(p) in injection_ids]
+    backbone = [p for p in model.parameters() if id(p) not in injection_ids]
+    return torch.optim.Adam([{"params": injection, "lr": cfg.train.lr},
+                             {"params": backbone, "lr": cfg.train.lr * cfg.train.backbone_lr_scale}])
 
 
 def average_gradients(model: torch.nn.Module, world_size: int) -> None:

@@ -49,6 +49,7 @@ from qualiteacher.student_step import (
     perceptual_fn,
     reward_fn,
     step_losses,
+    student_optimizer,
     target_levels,
 )
 
@@ -133,7 +134,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     model.load_state_dict(ray.get(loop_cfg["init_state"][0]))
     initial_injection = injection_snapshot(model) if cfg.model.score_condition else None
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = student_optimizer(cfg, model)
     ema = EMA(model, cfg.ema.decay)
     step, version = 0, int(loop_cfg["init_version"])
     checkpoint = ray.train.get_checkpoint()
