@@ -59,7 +59,7 @@ def student_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Adam:
     at every condition and the injection at 7 made up for it; on low light the student's
     backbone with its stage-1 injection gave 13.1 dB, the stage-1 backbone with the
     student's injection 15.7, the two together 15.2 against the teacher's 15.3
-    (docs/ARCHITECTURE.md, "Score injection"; experiments/QUALITY.md).
+    (docs/ARCHITECTURE.md, section 5; experiments/QUALITY.md).
     """
     model = unwrap(model)
     if not cfg.model.score_condition:  # no injection layers (the config allows no scale then)

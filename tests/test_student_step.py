@@ -16,7 +16,7 @@ from qualiteacher.losses.preference import preference_loss, sample_low_scores
 from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_parameters, injection_snapshot
-from qualiteacher.student_step import StepContext, step_losses
+from qualiteacher.student_step import StepContext, step_losses, student_optimizer
 
 CROP = 32
 
@@ -164,3 +164,32 @@ def test_target_levels_are_the_targets_ensemble_scores_merged_at_the_cap(weights
     assert levels[:3].tolist() == pytest.approx(expected, abs=1e-5)
     assert len(set(expected)) > 1  # different photos, different conditions
     assert levels[3] == 6.5 and "cannot be scored" in caplog.text
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 0.0])
+def test_student_optimizer_moves_the_backbone_at_its_share_of_the_rate(scale):
+    """Adam's first step moves every weight with a gradient by about its group's rate, so
+    the backbone's largest move is `scale` times the injection layers'."""
+    cfg = load_config(None, [f"data.crop_size={CROP}", "loss.consistency.enabled=false",
+                             f"train.backbone_lr_scale={scale}", "train.lr=1e-3"])
+    model = _model(cfg)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = student_optimizer(cfg, model)
+    step_losses(cfg, model, _Paired(), _bank_batch(), _no_reward(), step=0)["total"].backward()
+    opt.step()
+    injection = set(dict(injection_parameters(model)).keys())
+    moves = {k: float((p.detach() - before[k]).abs().max()) for k, p in model.named_parameters()}
+    inj_move = max(v for k, v in moves.items() if any(k.endswith(n) for n in injection))
+    backbone_move = max(v for k, v in moves.items() if not any(k.endswith(n) for n in injection))
+    assert inj_move == pytest.approx(1e-3, rel=0.05)
+    assert backbone_move == pytest.approx(scale * 1e-3, rel=0.05, abs=1e-9)
+
+
+def test_backbone_scale_needs_a_score_condition_and_the_baseline_trains_everything():
+    with pytest.raises(ValueError, match="train.backbone_lr_scale=0.1 needs model.score_condition"):
+        load_config(None, ["train.backbone_lr_scale=0.1", "model.score_condition=false"])
+    cfg = load_config(None, ["train.backbone_lr_scale=0.1"])
+    assert cfg.as_baseline().train.backbone_lr_scale == 1.0
+    model = build_model(cfg.as_baseline().model)
+    groups = student_optimizer(cfg.as_baseline(), model).param_groups
+    assert [g["lr"] for g in groups] == [cfg.train.lr]
