@@ -34,7 +34,7 @@ from qualiteacher.method.gating import Scored, gate
 from qualiteacher.method.judge import Verdict, best_label_ladders, decide, judge, ladder_levels, scored_rungs
 from qualiteacher.method.ladder import ladder_rungs
 from qualiteacher.models.injection import injection_snapshot
-from qualiteacher.student_step import StepContext, gradients_finite, step_losses, student_optimizer
+from qualiteacher.student_step import StepContext, gradients_finite, set_learning_rates, step_losses, student_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ class ReferenceLoop:
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             if gradients_finite(model):
+                set_learning_rates(cfg, opt, step)
                 opt.step()
                 ema.update(model)
             self.stats.last_losses = {k: float(v.detach()) for k, v in losses.items()}

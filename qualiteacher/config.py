@@ -364,6 +364,9 @@ class TrainConfig(Strict):
     # 1 trains the whole student alike, as the paper; below 1 the condition is learnt mostly
     # by the injection and the backbone keeps its stage-1 restoration (student_optimizer).
     backbone_lr_scale: float = Field(1.0, ge=0, le=1)
+    # Steps at the start in which the backbone does not learn (only the injection layers): at
+    # the start the injection is zero, so every condition's target pulls the one shared output.
+    backbone_warmup_steps: int = Field(0, ge=0)
     push_every: int = Field(10, ge=1, description="steps between EMA pushes to the teachers")
     checkpoint_every: int = Field(20, ge=1)
     # The student waits (at most this long) for the first bank entries before training on them.
@@ -399,6 +402,7 @@ BASELINE: dict[str, tuple[Any, str]] = {
     "loss.preference.enabled": (False, "the baseline has no preference loss (Eq. 8)"),
     "loss.consistency.enabled": (False, "the baseline has no consistency loss (Eq. 9)"),
     "train.backbone_lr_scale": (1.0, "the baseline has no injection layers: its whole network trains at train.lr"),
+    "train.backbone_warmup_steps": (0, "the baseline has no injection layers to warm up"),
 }
 
 
@@ -464,9 +468,11 @@ class Config(Strict):
     def _backbone_scale_has_injection(self) -> Config:
         """`train.backbone_lr_scale` splits the student into injection layers and backbone; a
         student without a score condition has no injection layers to split off."""
-        if self.train.backbone_lr_scale != 1.0 and not self.model.score_condition:
-            raise ValueError(f"train.backbone_lr_scale={self.train.backbone_lr_scale} needs "
-                             "model.score_condition=true (without it every weight is backbone)")
+        for name in ("backbone_lr_scale", "backbone_warmup_steps"):
+            value, default = getattr(self.train, name), TrainConfig.model_fields[name].default
+            if value != default and not self.model.score_condition:
+                raise ValueError(f"train.{name}={value} needs model.score_condition=true "
+                                 "(without it every weight is backbone)")
         return self
 
     @model_validator(mode="after")

@@ -68,7 +68,21 @@ def student_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Adam:
     injection = [p for p in model.parameters() if id(p) in injection_ids]
     backbone = [p for p in model.parameters() if id(p) not in injection_ids]
     return torch.optim.Adam([{"params": injection, "lr": cfg.train.lr},
-                             {"params": backbone, "lr": cfg.train.lr * cfg.train.backbone_lr_scale}])
+                             {"params": backbone, "lr": backbone_lr(cfg, step=0)}])
+
+
+def backbone_lr(cfg: Config, step: int) -> float:
+    """The backbone's learning rate at `step`: 0 for the first `train.backbone_warmup_steps`
+    (only the injection layers learn, so the condition can separate the targets before the
+    backbone sees them), then `train.lr * train.backbone_lr_scale`."""
+    return 0.0 if step < cfg.train.backbone_warmup_steps else cfg.train.lr * cfg.train.backbone_lr_scale
+
+
+def set_learning_rates(cfg: Config, opt: torch.optim.Optimizer, step: int) -> None:
+    """Set the rates of a `student_optimizer` for `step`: a function of the step alone, so a
+    resumed run needs no scheduler state."""
+    if cfg.model.score_condition:
+        opt.param_groups[1]["lr"] = backbone_lr(cfg, step)
 
 
 def average_gradients(model: torch.nn.Module, world_size: int) -> None:

@@ -49,6 +49,7 @@ from qualiteacher.student_step import (
     perceptual_fn,
     reward_fn,
     step_losses,
+    set_learning_rates,
     student_optimizer,
     target_levels,
 )
@@ -181,6 +182,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         losses["total"].backward()
         average_gradients(model, world)
         if gradients_finite(model):  # identical on every rank after the all-reduce
+            set_learning_rates(cfg, opt, step)
             opt.step()
             ema.update(model)
         else:
