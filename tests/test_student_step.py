@@ -16,7 +16,7 @@ from qualiteacher.losses.preference import preference_loss, sample_low_scores
 from qualiteacher.method.bank_batch import BankBatch
 from qualiteacher.models.build import build_model
 from qualiteacher.models.injection import injection_parameters, injection_snapshot
-from qualiteacher.student_step import StepContext, step_losses, student_optimizer
+from qualiteacher.student_step import StepContext, set_learning_rates, step_losses, student_optimizer
 
 CROP = 32
 
@@ -188,8 +188,35 @@ def test_student_optimizer_moves_the_backbone_at_its_share_of_the_rate(scale):
 def test_backbone_scale_needs_a_score_condition_and_the_baseline_trains_everything():
     with pytest.raises(ValueError, match="train.backbone_lr_scale=0.1 needs model.score_condition"):
         load_config(None, ["train.backbone_lr_scale=0.1", "model.score_condition=false"])
+    with pytest.raises(ValueError, match="train.backbone_warmup_steps=5 needs model.score_condition"):
+        load_config(None, ["train.backbone_warmup_steps=5", "model.score_condition=false"])
     cfg = load_config(None, ["train.backbone_lr_scale=0.1"])
     assert cfg.as_baseline().train.backbone_lr_scale == 1.0
+    assert cfg.model_copy(update={"train": cfg.train.model_copy(update={"backbone_warmup_steps": 5})}
+                          ).as_baseline().train.backbone_warmup_steps == 0
     model = build_model(cfg.as_baseline().model)
     groups = student_optimizer(cfg.as_baseline(), model).param_groups
     assert [g["lr"] for g in groups] == [cfg.train.lr]
+
+
+def test_backbone_learns_only_after_its_warmup():
+    cfg = load_config(None, [f"data.crop_size={CROP}", "loss.consistency.enabled=false",
+                             "train.backbone_warmup_steps=2"])
+    model = _model(cfg)
+    injection = set(injection_parameters(model))
+    opt = student_optimizer(cfg, model)
+
+    def step(n):
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        opt.zero_grad()
+        step_losses(cfg, model, _Paired(), _bank_batch(), _no_reward(), step=n)["total"].backward()
+        set_learning_rates(cfg, opt, n)
+        opt.step()
+        moved = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
+        return moved & injection, moved - injection
+
+    for n in (0, 1):
+        inj_moved, backbone_moved = step(n)
+        assert inj_moved == injection and not backbone_moved, n
+    inj_moved, backbone_moved = step(2)
+    assert inj_moved == injection and backbone_moved
