@@ -60,7 +60,9 @@ def check_run_settings(cfg: Config, run_folder: RunDir) -> None:
     if not path.is_file():
         atomic_write_json(path, current)
         return
-    recorded = json.loads(path.read_text())
+    # A field added after the run started is read as its default: new fields default to the
+    # behaviour from before them, so a run of an older version resumes.
+    recorded = method_settings(Config()) | json.loads(path.read_text())
     changed = sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
     if changed:
         lines = "\n".join(f"  {k}: the run has {json.dumps(recorded.get(k))}, this start {json.dumps(current.get(k))}"

@@ -47,6 +47,19 @@ def test_a_changed_method_setting_is_an_error_naming_every_field(tmp_path: Path)
     assert "train.steps" not in message
 
 
+def test_a_field_added_after_the_run_started_reads_as_its_default(tmp_path: Path) -> None:
+    """A run recorded by an older version (without train.backbone_warmup_steps) resumes at
+    that field's default and refuses another value."""
+    folder = RunDir(tmp_path)
+    check_run_settings(_cfg(), folder)
+    older = json.loads(folder.settings.read_text())
+    del older["train.backbone_warmup_steps"]
+    folder.settings.write_text(json.dumps(older))
+    check_run_settings(_cfg(), folder)
+    with pytest.raises(ConfigError, match="train.backbone_warmup_steps: the run has 0, this start 50"):
+        check_run_settings(_cfg("train.backbone_warmup_steps=50"), folder)
+
+
 def test_the_job_checks_the_settings_before_it_starts_anything(tmp_path: Path, weights_dir: Path) -> None:
     from qualiteacher.pipelines.train import run
 
