@@ -24,8 +24,10 @@ from experiments.oracle_scorer import psnr
 from experiments.reference_loop import ReferenceLoop, from_uint8
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bank_drift", description=__doc__.splitlines()[0])
+def parse_args(argv: Sequence[str] | None, prog: str = "experiments.bank_drift",
+               description: str = __doc__.splitlines()[0]) -> argparse.Namespace:
+    """One offline-default student run's arguments (also experiments.weight_path's)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
     parser.add_argument("--task", default="lowlight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bank_drift", help="an oracle run's --out (its stage-1 files are reused)")

@@ -98,3 +98,21 @@ def test_bank_drift_fast_follows_every_labelling_round(tmp_path, capsys, weights
     assert [int(r.split("|")[1]) for r in rows] == [0, 1]  # fast: 6 steps, a round every 3
     first = [c.strip() for c in rows[0].strip("|").split("|")]
     assert int(first[2]) > 0 and int(first[5]) == int(first[2])  # round 0: every label is the stage-1 teacher's
+
+
+def test_weight_path_fast_starts_at_the_teacher_and_ends_at_the_student(tmp_path, capsys, weights_dir):
+    from experiments import weight_path
+
+    assert weight_path.main(["--task", "haze", "--out", str(tmp_path), "--fast"]) == 0
+    rows = {cells[0]: [float(c) for c in cells[1:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2] != "m"
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    teacher, student = rows["stage-1 + 0 x (student - stage-1)"], rows["stage-1 + 1 x (student - stage-1)"]
+    assert len(teacher) == 3 and teacher[0] == teacher[2]  # zero injection: every condition alike
+    assert student != teacher
+    assert len(rows) == len(weight_path.LAMBDAS) + 3
+    # a mix takes the backbone from one share of the way and the injection from another
+    start, end = {"w": torch.zeros(2), "inj": torch.zeros(2)}, {"w": torch.ones(2), "inj": 2 * torch.ones(2)}
+    mixed = weight_path.mix(start, end, 1.0, {"inj"}, 0.0)
+    assert mixed["w"].tolist() == [1.0, 1.0] and mixed["inj"].tolist() == [0.0, 0.0]
+    assert weight_path.mix(start, end, 0.5, {"inj"})["inj"].tolist() == [1.0, 1.0]
