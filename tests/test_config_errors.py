@@ -135,7 +135,8 @@ def test_baseline_mode_gives_the_fields_left_at_their_defaults_the_baselines_val
     from qualiteacher.config import BASELINE, Config
 
     assert set(BASELINE) == {"labelling.augmentations", "labelling.ladder", "model.score_condition", "gating.top_k",
-                             "drop.enabled", "loss.preference.enabled", "loss.consistency.enabled"}
+                             "drop.enabled", "loss.preference.enabled", "loss.consistency.enabled",
+                             "train.backbone_lr_scale", "train.backbone_warmup_steps"}
     cfg = load_config(SMOKE, ["train.mode=baseline"])
     assert _is_baseline(cfg)
     # Explicit values that agree with the baseline are no conflict, nor is a baseline read back
