@@ -11,7 +11,8 @@ tag                              value
                                  ``pixel``, ``pref_rank``, ...; `student_step.step_losses`)
 ``reward/q_high``, ``q_low``     the reward of Eq. 8 at the high and the low score (batch
                                  mean), on steps that have the preference terms
-``train/lr``                     the optimiser's learning rate
+``train/lr``                     the learning rate of the injection layers (`train.lr`; the
+                                 backbone's is `student_step.backbone_lr` of the step)
 ``train/teacher_version``        the newest teacher version pushed
 ``train/steps_per_s``            student steps per second since the last log
 ``bank/images``, ``entries``     the bank's size
