@@ -51,18 +51,19 @@ class StepContext:
 
 
 def student_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Adam:
-    """Adam over the student: the injection layers at `train.lr`, the backbone at
-    `train.lr * train.backbone_lr_scale`.
+    """Adam over the student at `train.lr`; with `train.backbone_lr_scale` below 1 or a
+    `train.backbone_warmup_steps`, two groups: the injection layers at `train.lr`, the backbone
+    at `backbone_lr` (one group otherwise, as the checkpoints of earlier versions hold).
 
-    Why a scale: most of a bank batch asks for less restoration than the teacher gives (the
-    ladder's rungs, the lower labels). At one rate the shared backbone moved to restore less
-    at every condition and the injection at 7 made up for it; on low light the student's
-    backbone with its stage-1 injection gave 13.1 dB, the stage-1 backbone with the
-    student's injection 15.7, the two together 15.2 against the teacher's 15.3
-    (docs/ARCHITECTURE.md, section 5; experiments/QUALITY.md).
+    Why the switches: on low light the student's backbone learnt to restore less at every
+    condition (most of a bank batch asks for less than the teacher gives: the ladder's rungs,
+    the lower labels) and its injection at 7 made up for it only in part. Measured, a slower
+    backbone helps low light by up to 0.1 dB and costs underwater 0.2-0.3 dB, where the
+    backbone's own learning beats the teacher, so both are off by default
+    (experiments/QUALITY.md, "Low light: the backbone restores less").
     """
     model = unwrap(model)
-    if not cfg.model.score_condition:  # no injection layers (the config allows no scale then)
+    if cfg.train.backbone_lr_scale == 1.0 and cfg.train.backbone_warmup_steps == 0:
         return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     injection_ids = {id(p) for p in injection_parameters(model).values()}
     injection = [p for p in model.parameters() if id(p) in injection_ids]
@@ -81,7 +82,7 @@ def backbone_lr(cfg: Config, step: int) -> float:
 def set_learning_rates(cfg: Config, opt: torch.optim.Optimizer, step: int) -> None:
     """Set the rates of a `student_optimizer` for `step`: a function of the step alone, so a
     resumed run needs no scheduler state."""
-    if cfg.model.score_condition:
+    if len(opt.param_groups) == 2:
         opt.param_groups[1]["lr"] = backbone_lr(cfg, step)
 
 
