@@ -16,8 +16,6 @@ import copy
 import sys
 from collections.abc import Sequence
 
-import torch
-
 from experiments import bank_drift, oracle
 from experiments.common import with_threads
 from experiments.reference_loop import ReferenceLoop
@@ -37,11 +35,8 @@ def mix(start: dict, end: dict, share: float, injection: set[str], injection_sha
     return out
 
 
-def psnr_at(task: oracle.Task, model, weights: dict | None = None) -> list[float]:
-    probe = copy.deepcopy(model)
-    if weights is not None:
-        probe.load_state_dict(weights)
-    return [oracle.evaluate(task, probe, (s,))["at7"]["psnr"] for s in SCORES]
+def psnr_at(task: oracle.Task, model) -> list[float]:
+    return [oracle.evaluate(task, model, (s,))["at7"]["psnr"] for s in SCORES]
 
 
 def report(args: argparse.Namespace) -> int:
@@ -53,11 +48,15 @@ def report(args: argparse.Namespace) -> int:
     loop.run(args.seed_list[0])
     end = copy.deepcopy(model.state_dict())
     injection = set(injection_parameters(model))
-    rows = [(f"stage-1 + {lam:g} x (student - stage-1)", psnr_at(task, model, mix(start, end, lam, injection)))
-            for lam in LAMBDAS]
+
+    def psnr_of(weights: dict) -> list[float]:
+        model.load_state_dict(weights)  # the student's own weights are not needed after this
+        return psnr_at(task, model)
+
+    rows = [(f"stage-1 + {lam:g} x (student - stage-1)", psnr_of(mix(start, end, lam, injection))) for lam in LAMBDAS]
     rows.append(("the run's EMA teacher", psnr_at(task, loop.ema.teacher)))
-    rows.append(("the student's backbone, the stage-1 injection", psnr_at(task, model, mix(start, end, 1.0, injection, 0.0))))
-    rows.append(("the stage-1 backbone, the student's injection", psnr_at(task, model, mix(start, end, 0.0, injection, 1.0))))
+    rows.append(("the student's backbone, the stage-1 injection", psnr_of(mix(start, end, 1.0, injection, 0.0))))
+    rows.append(("the stage-1 backbone, the student's injection", psnr_of(mix(start, end, 0.0, injection, 1.0))))
     print("| model | " + " | ".join(f"@{s:g}" for s in SCORES) + " |")
     print("|---|" + "---:|" * len(SCORES))
     for name, values in rows:
