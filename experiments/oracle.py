@@ -1,6 +1,7 @@
 """The oracle factorial (issue 15): is it the framework or the NR metrics that fails?
 
     python -m experiments.oracle --tasks haze --seeds 3 [--cells all] [--ladder 0,0.5] [--fast]
+    python -m experiments.oracle --merge runs/f_s0 runs/f_s1 runs/f_s2 --out runs/f   # seeds run apart
 
 Crosses where the labels' levels, drops and gating come from, {nr, oracle}, with the reward
 of Eqs. 8-9, {off, nr, oracle}; each cell is a student run of the in-process reference loop
@@ -15,7 +16,8 @@ of the "real" domain (ground truth hidden from training):
 
 Means over seeds with their range. Writes ``oracle.md`` and ``oracle.json`` into ``--out``
 and ends with ``RESULT oracle_controllable_cells <n> cells target <all oracle-level cells>``.
-``--fast``: tiny budget, numbers meaningless.
+``--fast``: tiny budget, numbers meaningless. ``--merge``: one report from runs of other seeds
+(each its own process, ``--first-seed``), which must share the stage-1 teacher and test set.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "split and threads) instead of pretraining again: compares cells with that run's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="tiny budget: checks that it runs")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                        help="train nothing: one report in --out from the oracle.json of runs of other seeds")
     args = parser.parse_args(argv)
     args.task_list = list(TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     if any(t not in TASKS for t in args.task_list):
@@ -279,6 +283,52 @@ def teacher_result(task: Task) -> dict:
 
 
 # ---------------------------------------------------------------------------- summary
+def _load_results(folder: Path) -> dict:
+    path = folder / "oracle.json"
+    if not path.is_file():
+        raise SystemExit(f"--merge: {path} does not exist (a folder an earlier run wrote with --out)")
+    results = json.loads(path.read_text())
+    results["source"] = str(folder)
+    return results
+
+
+def merge_results(parts: list[dict], command: str) -> dict:
+    """One result from runs of the same tasks, cells, stage-1 teachers and test sets at other
+    seeds: every cell re-summarised over all its runs, the baseline's stats pooled."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("test_split", "ladder", "fast"):
+            if part.get(key) != first.get(key):
+                raise ValueError(f"--merge: {part['source']} has {key} {part.get(key)!r}, "
+                                 f"{first['source']} {first.get(key)!r}")
+        for task, res in part["tasks"].items():
+            ref = first["tasks"].get(task)
+            if ref is None or res["teacher"]["psnr"] != ref["teacher"]["psnr"]:
+                raise ValueError(f"--merge: {part['source']}'s {task} has another stage-1 teacher or is missing "
+                                 f"from {first['source']} (each run must reuse the same stage-1 files)")
+    seeds = [s for part in parts for s in part["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--merge: a seed is in more than one run ({seeds})")
+    tasks = {name: _merge_task([p["tasks"][name] for p in parts if name in p["tasks"]])
+             for name in first["tasks"]}
+    return {"command": command, "merged": [p["command"] for p in parts], "fast": first["fast"],
+            "machine": first["machine"], "ladder": first["ladder"], "seeds": sorted(seeds),
+            "test_split": first.get("test_split", "photos"), "tasks": tasks,
+            "elapsed_s": sum(p["elapsed_s"] for p in parts)}
+
+
+def _merge_task(parts: list[dict]) -> dict:
+    merged = {k: parts[0][k] for k in ("teacher", "test_images", "oracle_scale")} | {"runs": {}, "cells": {}}
+    for cell in dict.fromkeys(c for p in parts for c in p["runs"]):
+        merged["runs"][cell] = [r for p in parts for r in p["runs"].get(cell, [])]
+        merged["cells"][cell] = summarise(merged["runs"][cell])
+    baselines = [p["baseline"] for p in parts if "baseline" in p]
+    if baselines:  # only summaries are kept: pool each stat's runs
+        merged["baseline"] = {k: mean_range([v for b in baselines for v in b[k]["runs"]])
+                              for k, stat in baselines[0].items() if isinstance(stat, dict) and "runs" in stat}
+    return merged
+
+
 def mean_range(values: list[float]) -> dict:
     arr = np.array(values, dtype=float)
     return {"mean": float(np.nanmean(arr)), "min": float(np.nanmin(arr)), "max": float(np.nanmax(arr)),
@@ -308,7 +358,9 @@ def write_report(results: dict, out: Path) -> Path:
     lines = ["# Oracle factorial: levels x reward", ""]
     if results["fast"]:
         lines += ["**FAST MODE: tiny budget; these numbers are NOT meaningful.**", ""]
-    lines += [f"Command: `{results['command']}`", "", results["machine"], "",
+    lines += [f"Command: `{results['command']}`", ""]
+    lines += [f"Merged from: `{c}`" for c in results.get("merged", [])] + ([""] if results.get("merged") else [])
+    lines += [results["machine"], "",
               f"Test split: {results.get('test_split', 'photos')}. "
               f"Ladder: {list(results['ladder']) or 'none'}; seeds {results['seeds']}; wall time "
               f"{results['elapsed_s']:.0f} s. Values: mean [min, max] over seeds.", ""]
@@ -365,17 +417,32 @@ def _main(args: argparse.Namespace, argv) -> dict:
     from qualiteacher.iqa.weights import prepare
 
     started = time.perf_counter()
+    command = "python -m experiments.oracle " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    prepare(load_config(args.budget, args.overrides).paths.resolved_weights_dir(), log=lambda _m: None)
+    if args.merge:
+        try:
+            merged = merge_results([_load_results(d) for d in args.merge], command)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        return finish(merged, args.out)
+    cfg = load_config(args.budget, args.overrides)
+    prepare(cfg.paths.resolved_weights_dir(), log=lambda _m: None)
     tasks = {t: run_task(t, args) for t in args.task_list}
-    oracle_cells = [(t, c) for t, r in tasks.items() for c, s in r["cells"].items() if c.startswith("oracle:")]
+    # The ladder the runs used: --ladder, else the budget's.
+    results = {"command": command, "fast": args.fast, "machine": machine_line(),
+               "ladder": list(cfg.labelling.ladder), "seeds": args.seed_list, "test_split": args.test_split,
+               "tasks": tasks, "elapsed_s": round(time.perf_counter() - started, 1)}
+    return finish(results, args.out)
+
+
+def finish(results: dict, out: Path) -> dict:
+    """Count the controllable oracle-level cells, write oracle.json and oracle.md, print the table."""
+    tasks = results["tasks"]
+    oracle_cells = [(t, c) for t, r in tasks.items() for c in r["cells"] if c.startswith("oracle:")]
     controllable = sum(tasks[t]["cells"][c]["spearman_psnr"]["mean"] >= TARGET_SPEARMAN for t, c in oracle_cells)
-    results = {"command": "python -m experiments.oracle " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "fast": args.fast, "machine": machine_line(), "ladder": args.ladder_alphas, "seeds": args.seed_list,
-               "test_split": args.test_split, "tasks": tasks, "controllable_oracle_cells": controllable,
-               "elapsed_s": round(time.perf_counter() - started, 1)}
-    (args.out / "oracle.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = write_report(results, args.out)
+    results["controllable_oracle_cells"] = controllable
+    (out / "oracle.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(results, out)
     rows = [[t, c, s["psnr"]["mean"], s["psnr"]["mean"] - r["teacher"]["psnr"], s["ssim"]["mean"],
              s["spearman_psnr"]["mean"], s["spearman_nr"]["mean"], s["ema_psnr"]["mean"],
              s["train_psnr"]["mean"] - r["teacher"]["train_psnr7"]]

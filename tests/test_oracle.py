@@ -77,6 +77,40 @@ def test_factorial_fast_runs_and_reports(tmp_path, capsys, weights_dir):
     assert (tmp_path / "oracle.md").read_text().count("| oracle | off |") == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert parse_result(last).name == "oracle_controllable_cells"
+    assert results["ladder"] == [0.0, 0.5]
+
+
+def test_merge_pools_the_seeds_of_runs_made_apart(tmp_path):
+    """`--merge`: each cell's stats over the runs of every part; a part with another stage-1
+    teacher or a seed already merged is refused, naming the folder."""
+    import copy
+
+    from experiments import oracle
+
+    def part(seed: int, psnr: float) -> dict:
+        run = {"at7": {"psnr": psnr, "ssim": 0.5, "nr": 6.0}, "train_psnr7": psnr, "ema_at7": {"psnr": 15.0},
+               "spearman_psnr": 1.0, "spearman_nr": 0.5,
+               "sweep": [{"psnr": 10.0 + i + seed, "nr": 5.0} for i in range(8)]}
+        task = {"teacher": {"psnr": 15.5, "ssim": 0.5, "nr": 6.0, "train_psnr7": 16.0}, "test_images": 40,
+                "oracle_scale": {}, "runs": {"nr:off": [run]}, "cells": {"nr:off": oracle.summarise([run])},
+                "baseline": oracle.summarise([run])}
+        return {"command": f"seed {seed}", "fast": False, "machine": "m", "ladder": [0.0, 0.5], "seeds": [seed],
+                "test_split": "regions", "tasks": {"haze": task}, "elapsed_s": 10.0, "source": f"runs/s{seed}"}
+
+    merged = oracle.merge_results([part(0, 15.0), part(1, 16.0)], "merge")
+    cell = merged["tasks"]["haze"]["cells"]["nr:off"]
+    assert cell["psnr"] == {"mean": 15.5, "min": 15.0, "max": 16.0, "runs": [15.0, 16.0]}
+    assert cell["sweep_psnr"][0] == 10.5 and merged["seeds"] == [0, 1]
+    assert merged["tasks"]["haze"]["baseline"]["psnr"]["runs"] == [15.0, 16.0]
+    oracle.finish(merged, tmp_path)
+    assert "Merged from: `seed 1`" in (tmp_path / "oracle.md").read_text()
+
+    other_teacher = part(1, 16.0)
+    other_teacher["tasks"]["haze"]["teacher"]["psnr"] = 15.4
+    with pytest.raises(ValueError, match="runs/s1.*stage-1"):
+        oracle.merge_results([part(0, 15.0), other_teacher], "merge")
+    with pytest.raises(ValueError, match="seed"):
+        oracle.merge_results([part(0, 15.0), copy.deepcopy(part(0, 15.0))], "merge")
 
 
 def test_ladder_probe_fast_counts_rungs_at_the_cap(tmp_path, capsys, weights_dir):
