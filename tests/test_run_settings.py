@@ -43,7 +43,7 @@ def test_a_changed_method_setting_is_an_error_naming_every_field(tmp_path: Path)
     message = str(err.value)
     assert str(tmp_path) in message and "--run-dir" in message
     assert 'labelling.ladder_levels: the run has "constructed", this start "scored"' in message
-    assert "ema.decay: the run has 0.999, this start 0.99" in message
+    assert "ema.decay: the run has 0.9999, this start 0.99" in message
     assert "train.steps" not in message
 
 
