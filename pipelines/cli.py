@@ -26,8 +26,8 @@ class UsageError(Exception):
     """A problem the user can fix (bad argument, missing weights); printed without traceback."""
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
+def _add_config_args(parser: argparse.ArgumentParser, default: str = "built-in defaults") -> None:
+    parser.add_argument("--config", type=Path, help=f"YAML config file (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set iqa.block_grid=4 (repeatable)")
     parser.add_argument("--weights-dir", type=Path, help="metric weights folder (default: $QUALITEACHER_WEIGHTS "
@@ -271,9 +271,26 @@ def cmd_monitor(args) -> int:
 
 
 # ---- demo ----
+DEMO_CONFIG = Path("configs/quickstart.yaml")
+
+
+def demo_config() -> Path:
+    """The demo's config when --config is not given: the checkout's quickstart.yaml (beside
+    this package in an editable install, else under the working folder). The built-in
+    defaults are not the demo: they have no ladder and a short budget."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / DEMO_CONFIG).is_file():
+            return root / DEMO_CONFIG
+    raise UsageError(f"the demo's config {DEMO_CONFIG} was found neither in the checkout nor under "
+                     f"{Path.cwd()}; run from the repository or pass --config")
+
+
 def cmd_demo(args) -> int:
     from qualiteacher.pipelines.demo import run_demo
 
+    if args.config is None:
+        args.config = demo_config()
+        print(f"[demo] config: {args.config}", flush=True)
     cfg = _config(args)
     return run_demo(cfg, args.run_dir)
 
@@ -383,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.set_defaults(func=cmd_monitor)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled images")
-    _add_config_args(demo)
+    _add_config_args(demo, default=f"the checkout's {DEMO_CONFIG}")
     demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -40,3 +40,24 @@ def test_summary_headline():
         "steps": 12, "teacher_version": 3, "bank_images": 5, "bank_entries": 14, "max_entries_per_image": 3,
         "dropped": {"aug": 2}, "checkpoint": "/r/ckpt", "elapsed_s": 41.6}
     assert headline_line(summary) == "12 steps, teacher version 3, bank 5 images / 14 entries, dropped {'aug': 2}, 42 s"
+
+
+def test_demo_without_config_runs_the_quickstart(tmp_path, monkeypatch):
+    """`qualiteacher demo` with no --config takes the checkout's quickstart.yaml (the ladder and
+    200 steps the README's numbers come from), not the built-in defaults; where there is no
+    checkout the error names the file and --config."""
+    import pytest
+    from qualiteacher.pipelines import cli
+
+    from qualiteacher.config import load_config
+
+    config = cli.demo_config()
+    assert config.parts[-2:] == ("configs", "quickstart.yaml")
+    cfg = load_config(config)
+    assert cfg.train.steps == 200 and list(cfg.labelling.ladder) == [0.0, 0.5]
+    assert load_config(None).train.steps != cfg.train.steps  # the defaults would be another run
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "pipelines" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cli.UsageError, match="configs/quickstart.yaml.*--config"):
+        cli.demo_config()
