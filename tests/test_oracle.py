@@ -57,6 +57,22 @@ def test_oracle_reward_matches_its_batch_layouts_and_has_gradients():
         reward(torch.rand(5, 3, 16, 16))
 
 
+def test_oracle_level_cells_score_their_rungs_and_nr_cells_construct_them():
+    """Under the oracle a rung's level is measured; under the NR judge it is set by rule."""
+    from types import SimpleNamespace
+
+    from experiments.oracle import cell_config
+    from qualiteacher.config import load_config
+
+    cfg = load_config("configs/quality_budget.yaml", ["labelling.ladder_levels=constructed"])
+    task = SimpleNamespace(cfg=cfg, oracle_taus=(0.5, 0.5))
+    for reward in ("off", "nr", "oracle"):
+        assert cell_config(task, "oracle", reward).labelling.ladder_levels == "scored"
+        assert cell_config(task, "nr", reward).labelling.ladder_levels == "constructed"
+    assert cell_config(task, "oracle", "off").drop.tau_multi == 0.5
+    assert cfg.labelling.ladder_levels == "constructed"  # the task's config is not changed
+
+
 def test_factorial_fast_runs_and_reports(tmp_path, capsys, weights_dir):
     """`--fast` on one task and two cells: the report and JSON hold every cell and the
     teacher, Spearman values are numbers in [-1, 1] or NaN (a flat sweep), and the labels
