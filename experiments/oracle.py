@@ -8,8 +8,9 @@ of Eqs. 8-9, {off, nr, oracle}; each cell is a student run of the in-process ref
 (`experiments.reference_loop`: the method's core pieces in turn, no Ray or Redis) from the same
 stage-1 teacher, on the same sets and budget, one run per seed. The oracle is PSNR against
 hidden ground truth (`experiments.oracle_scorer`); oracle-level cells also score the condition
-ladder's rungs with it (`labelling.ladder_levels: scored`), NR-level cells keep the budget's rule. Per cell it reports, on a held-out test set
-of the "real" domain (ground truth hidden from training):
+ladder's rungs with it (`labelling.ladder_levels: scored`), NR-level cells keep the budget's
+rule. Per cell it reports, on a held-out test set of the "real" domain (ground truth hidden
+from training):
 
 - QualiTeacher at score 7 against the stage-1 teacher and the Colabator-style baseline
   (`Config.as_baseline`, NR levels, same loop and budget), in PSNR, SSIM and NR ensemble;
@@ -189,8 +190,8 @@ def cell_config(task: Task, level: str, reward: str):
         update["drop"] = cfg.drop.model_copy(update=dict(zip(("tau_multi", "tau_aug"), task.oracle_taus)))
         # The ladder's rungs are measured by the oracle, not set by construction: construction
         # (a x the label's level) stands in for a noisy NR score, but the oracle measures a rung's
-        # PSNR, and the rule's levels bent the top of the sweep on snow and rain (QUALITY.md,
-        # "Oracle levels ... on the other four tasks").
+        # PSNR, and the rule's levels bent the top of the sweep on snow and rain
+        # (experiments/QUALITY.md, "Oracle-level cells with scored rungs").
         update["labelling"] = cfg.labelling.model_copy(update={"ladder_levels": "scored"})
     return cfg.model_copy(update=update)
 
